@@ -1,0 +1,88 @@
+"""A message link over TCP: batches outgoing messages per reactor turn, decodes incoming.
+
+Used by both ends of the master-agent connection. The owner sets `on_message(msg)` and
+`on_lost(reason)`; `send(msg)` queues a message and the queue is written as one batch at
+the end of the current reactor turn, so a burst (e.g. 1,000 RunTasks) costs one write.
+"""
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from agora import protocol
+
+log = Logger()
+
+
+class Link(Protocol):
+    """One end of a master-agent connection."""
+
+    def __init__(self, reactor, send_prefix: bool = False):
+        self.reactor = reactor
+        self.send_prefix = send_prefix
+        self.on_message = lambda msg: None
+        self.on_lost = lambda reason: None
+        self.connected = False
+        self._decoder = protocol.Decoder()
+        self._queue = []
+        self._flush_call = None
+        self._skip = 0 if send_prefix else len(protocol.PREFIX)
+
+    def connectionMade(self):
+        self.connected = True
+        if self.send_prefix:
+            self.transport.write(protocol.PREFIX)
+        self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
+
+    def dataReceived(self, data: bytes):
+        if self._skip:  # the server side sees the sniffed prefix first
+            cut = min(self._skip, len(data))
+            self._skip -= cut
+            data = data[cut:]
+            if not data:
+                return
+        try:
+            messages = self._decoder.feed(data)
+        except protocol.ProtocolError as e:
+            log.warn("dropping link from {peer}: {error}", peer=self._peer(), error=e)
+            self.transport.abortConnection()
+            return
+        for msg in messages:
+            if not self.connected:
+                return
+            try:
+                self.on_message(msg)
+            except Exception:
+                log.failure("error handling {msg}", msg=type(msg).__name__)
+
+    def send(self, msg) -> None:
+        if not self.connected:
+            return
+        self._queue.append(msg)
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._flush_call = None
+        if self._queue and self.connected:
+            batch, self._queue = self._queue, []
+            self.transport.write(protocol.encode(batch))
+
+    def close(self) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.connected = False
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._queue = []
+        self.on_lost(reason)
+
+    def _peer(self):
+        try:
+            p = self.transport.getPeer()
+            return f"{p.host}:{p.port}"
+        except Exception:
+            return "?"

@@ -1,0 +1,258 @@
+"""Messages between master and agent, and their msgpack encoding.
+
+An agent opens one TCP connection to the master's own port and sends `PREFIX` first, so
+the master can tell it from HTTP by the first bytes. After that both sides send a stream of
+msgpack arrays; each array is a batch of messages, each message `[tag, field, field, ...]`.
+Task, executor and framework descriptions travel as Mesos v1 JSON dicts: they come from
+schedulers as JSON and go to executors as JSON, so there is nothing to gain by re-modelling
+them here. This module is the only one that knows the encoding.
+"""
+
+import hashlib
+import hmac
+from typing import Any
+
+import attrs
+import msgpack
+
+PREFIX = b"AGORA1\n"
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+
+
+def _message(cls):
+    return attrs.frozen(cls)
+
+
+# --- handshake and registration -------------------------------------------------------
+
+
+@_message
+class Challenge:
+    """Master -> agent, first message: prove you know the shared secret (if any)."""
+
+    nonce: bytes
+    master_id: str
+
+
+@_message
+class RegisterAgent:
+    """Agent -> master: a new agent asks to be admitted.
+
+    `info` is the AgentInfo JSON: hostname, port, resources (Mesos JSON list), attributes.
+    """
+
+    info: dict
+    version: str
+    proof: bytes = b""
+
+
+@_message
+class ReregisterAgent:
+    """Agent -> master: a known agent comes back with what it runs.
+
+    `executors` are ExecutorInfo JSON dicts (with framework_id), `tasks` are Task JSON dicts
+    (task_id, framework_id, executor_id, state, resources, statuses...), `frameworks` are
+    FrameworkInfo JSON dicts.
+    """
+
+    agent_id: str
+    info: dict
+    version: str
+    executors: list = attrs.field(factory=list)
+    tasks: list = attrs.field(factory=list)
+    frameworks: list = attrs.field(factory=list)
+    proof: bytes = b""
+
+
+@_message
+class AgentRegistered:
+    """Master -> agent: admitted (or re-admitted) under `agent_id`."""
+
+    agent_id: str
+    master_id: str
+    ping_interval: float
+
+
+@_message
+class AgentRefused:
+    """Master -> agent: registration refused; the agent must not retry as it is."""
+
+    message: str
+
+
+# --- tasks and executors --------------------------------------------------------------
+
+
+@_message
+class RunTask:
+    """Master -> agent: launch `task` (TaskInfo JSON) for `framework` (FrameworkInfo JSON)."""
+
+    framework: dict
+    task: dict
+
+
+@_message
+class RunTaskGroup:
+    """Master -> agent: launch a task group under the default executor."""
+
+    framework: dict
+    executor: dict
+    task_group: dict
+
+
+@_message
+class KillTask:
+    """Master -> agent: kill a task, optionally overriding its kill policy."""
+
+    framework_id: str
+    task_id: str
+    kill_policy: dict | None = None
+
+
+@_message
+class StatusUpdate:
+    """Agent -> master: a task's status changed; `status` is TaskStatus JSON with a uuid."""
+
+    framework_id: str
+    status: dict
+
+
+@_message
+class StatusUpdateAck:
+    """Master -> agent: the scheduler acknowledged the update with `uuid` (base64)."""
+
+    framework_id: str
+    task_id: str
+    uuid: str
+
+
+@_message
+class FrameworkMessage:
+    """Either way: opaque bytes between a scheduler and an executor."""
+
+    framework_id: str
+    executor_id: str
+    data: bytes
+
+
+@_message
+class ShutdownExecutor:
+    """Master -> agent: shut an executor down (its tasks are killed)."""
+
+    framework_id: str
+    executor_id: str
+
+
+@_message
+class ShutdownFramework:
+    """Master -> agent: kill everything the framework runs on the agent."""
+
+    framework_id: str
+
+
+@_message
+class ExitedExecutor:
+    """Agent -> master: an executor's process ended with `status` (wait status)."""
+
+    framework_id: str
+    executor_id: str
+    status: int
+
+
+@_message
+class UpdateFramework:
+    """Master -> agent: a framework's info changed (e.g. after re-subscription)."""
+
+    framework: dict
+
+
+# --- liveness -------------------------------------------------------------------------
+
+
+@_message
+class Ping:
+    """Master -> agent: are you there?"""
+
+    seq: int = 0
+
+
+@_message
+class Pong:
+    """Agent -> master: yes."""
+
+    seq: int = 0
+
+
+@_message
+class ShutdownAgent:
+    """Master -> agent: stop; the agent was removed from the cluster."""
+
+    message: str
+
+
+MESSAGES = (
+    Challenge, RegisterAgent, ReregisterAgent, AgentRegistered, AgentRefused,
+    RunTask, RunTaskGroup, KillTask, StatusUpdate, StatusUpdateAck, FrameworkMessage,
+    ShutdownExecutor, ShutdownFramework, ExitedExecutor, UpdateFramework,
+    Ping, Pong, ShutdownAgent,
+)
+_TAGS = {cls: tag for tag, cls in enumerate(MESSAGES)}
+_FIELDS = {cls: tuple(a.name for a in attrs.fields(cls)) for cls in MESSAGES}
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not a valid message batch."""
+
+
+def encode(messages: list) -> bytes:
+    """One batch of messages as msgpack bytes."""
+    return msgpack.packb(
+        [[_TAGS[type(m)], *(getattr(m, f) for f in _FIELDS[type(m)])] for m in messages],
+        use_bin_type=True,
+    )
+
+
+def _decode_message(item: Any):
+    if not isinstance(item, list) or not item or not isinstance(item[0], int):
+        raise ProtocolError(f"not a message: {item!r:.80}")
+    tag = item[0]
+    if not 0 <= tag < len(MESSAGES):
+        raise ProtocolError(f"unknown message tag {tag}")
+    cls = MESSAGES[tag]
+    try:
+        return cls(*item[1:])
+    except TypeError as e:
+        raise ProtocolError(f"bad {cls.__name__}: {e}") from None
+
+
+class Decoder:
+    """Turns a byte stream into messages; feed it whatever arrives."""
+
+    def __init__(self, max_bytes: int = MAX_BATCH_BYTES):
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_bytes)
+
+    def feed(self, data: bytes) -> list:
+        try:
+            self._unpacker.feed(data)
+            out = []
+            for batch in self._unpacker:
+                if not isinstance(batch, list):
+                    raise ProtocolError("a batch must be an array")
+                out.extend(_decode_message(item) for item in batch)
+            return out
+        except ProtocolError:
+            raise
+        except Exception as e:  # msgpack raises several types for garbage
+            raise ProtocolError(f"undecodable bytes: {e}") from None
+
+
+def proof(secret: bytes, nonce: bytes) -> bytes:
+    """The answer to a Challenge: HMAC-SHA256 of the nonce under the shared secret."""
+    return hmac.new(secret, nonce, hashlib.sha256).digest()
+
+
+def check_proof(secret: bytes | None, nonce: bytes, given: bytes) -> bool:
+    """True when no secret is configured or `given` answers the challenge."""
+    if not secret:
+        return True
+    return hmac.compare_digest(proof(secret, nonce), given or b"")
