@@ -1,0 +1,777 @@
+"""The agent: offers this host to the master and runs the executors and tasks it is given.
+
+    master ──RunTask/KillTask/...──> Agent ──launch──> container (session) ── executor
+       ^                               │  <──/api/v1/executor (SUBSCRIBE stream, UPDATE)──┘
+       └──StatusUpdate (reliable)──────┘
+
+The agent keeps the books (`agent.state`), launches executors through the posix launcher
+(`agent.containerizer.launcher`) in sandboxes (`agent.sandbox`), serves the executor API
+(`agent.executor_api`) and the read-only endpoints (`agent.endpoints`), and forwards status
+updates through `agent.status_updates`, retried until the master acknowledges them.
+
+Seams for what comes later: checkpointing (write the books and update streams in
+`_take_update`/`_on_ack` and recover in `start`), the fetcher (between sandbox creation and
+launch in `_launch`), isolators and images (the launcher spec).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from collections import Counter, deque
+
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.logger import Logger
+
+from agora import mesos_json as mj
+from agora import protocol
+from agora.http import HTTPError, HTTPFactory, Router, Stream, listen
+from agora.recordio import encode_json
+
+import agent as _agent_package
+from agent import sandbox
+from agent import state as st
+from agent.containerizer.launcher import LaunchSpec, PosixLauncher, describe_status
+from agent.detect import detect_resources, parse_attributes
+from agent.endpoints import AgentEndpoints
+from agent.executor_api import ExecutorAPI, validate_status
+from agent.executors.command import command_argv, environment_variables
+from agent.master_link import MasterLink
+from agent.status_updates import StatusUpdates
+
+log = Logger()
+
+#: The directory that holds the `agent` and `agora` packages: executors we start import from it.
+CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_agent_package.__file__)))
+BUILTIN_EXECUTOR_MODULE = "agent.executors.command"
+STOP_GRACE = 1.0  # on agent stop: SIGTERM, then SIGKILL after this long
+RECOVERY_TIMEOUT = "15mins"  # what checkpointing executors are told (Mesos's default)
+
+
+class Agent:
+    """An agent process's core: see the module docstring. Runs in the reactor thread."""
+
+    def __init__(self, reactor, *, master: tuple[str, int], work_dir: str,
+                 ip: str = "127.0.0.1", port: int = 5051, hostname: str | None = None,
+                 resources: str | None = None, attributes: str | None = None,
+                 secret: bytes | None = None, status_update_retry: float = 10.0,
+                 executor_registration_timeout: float = 60.0,
+                 executor_shutdown_grace: float = 5.0, python: str = sys.executable):
+        self.reactor = reactor
+        self.master_address = (master[0], int(master[1]))
+        self.work_dir = os.path.abspath(work_dir)
+        self.ip = ip
+        # What executors and the master are told to connect to: a wildcard is not an address.
+        self.advertised_ip = "127.0.0.1" if ip in ("", "0.0.0.0") else ip
+        self.port = port
+        self.hostname = hostname or socket.gethostname()
+        self.resources_text = resources
+        self.attributes_text = attributes
+        self.resources = detect_resources(self.work_dir, resources)
+        self.attributes = parse_attributes(attributes)
+        self.secret = secret
+        self.status_update_retry = status_update_retry
+        self.executor_registration_timeout = executor_registration_timeout
+        self.executor_shutdown_grace = executor_shutdown_grace
+        self.python = python
+
+        self.agent_id: str | None = None
+        self.master_id: str | None = None
+        self.start_time: float | None = None
+        self.refused: str | None = None  # the master's message if it refused or removed us
+        self.on_refused = lambda message: None  # for the CLI: e.g. exit when not wanted
+        self.frameworks: dict[str, st.Framework] = {}
+        self.completed_frameworks: deque[st.Framework] = deque(maxlen=st.MAX_COMPLETED_FRAMEWORKS)
+        self.metrics: Counter = Counter()
+        self.launcher = PosixLauncher(reactor)
+        self.updates = StatusUpdates(reactor, self._send_update, status_update_retry)
+        self.link = MasterLink(
+            reactor, *self.master_address,
+            registration=self._registration, on_registered=self._registered,
+            on_message=self._on_master_message, on_disconnected=self._disconnected,
+            on_refused=self._refused)
+        self._listening = None
+        self._stopping = False
+
+    @property
+    def registered(self) -> bool:
+        return self.link.registered
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> Deferred:
+        """Listen on ip:port (0 = any free port, then `self.port` is the real one), then
+        connect to the master. Fires when listening."""
+        router = Router()
+        router.add("/api/v1/executor", ExecutorAPI(self), ("POST",))
+        AgentEndpoints(self).install(router)
+        factory = HTTPFactory(router, reactor=self.reactor, server_name="Agora agent")
+        try:
+            self._listening = listen(self.reactor, self.port, factory, self.ip)
+        except Exception:
+            return fail()  # e.g. the port is taken: the caller's errback says so
+        self.port = self._listening.getHost().port
+        self.start_time = self.reactor.seconds()
+        log.info("Agent listening on {ip}:{port}, resources {res}, work dir {wd}", ip=self.ip,
+                 port=self.port, res=str(self.resources), wd=self.work_dir)
+        self.link.start()
+        return succeed(self)
+
+    def stop(self, grace: float = STOP_GRACE) -> Deferred:
+        """Kill every container (SIGTERM, SIGKILL after `grace`), close the link and the port.
+
+        Fires once no process of ours is left.
+        """
+        self._stopping = True
+        waits = [self.link.stop()]
+        self.updates.stop()
+        for fw in list(self.frameworks.values()):
+            for executor in list(fw.executors.values()):
+                self._cancel_timers(executor)
+                if executor.stream is not None:
+                    executor.stream.close()
+                if executor.container is not None:
+                    waits.append(executor.container.destroy(grace))
+        if self._listening is not None:
+            waits.append(self._listening.stopListening())
+            self._listening = None
+        d = DeferredList(waits, consumeErrors=True)
+        d.addCallback(lambda _: None)
+        return d
+
+    def flags(self) -> dict:
+        """The configuration, as /flags and /state show it (strings, like Mesos)."""
+        return {
+            "master": "%s:%d" % self.master_address, "work_dir": self.work_dir,
+            "ip": self.ip, "port": str(self.port), "hostname": self.hostname,
+            "resources": self.resources_text or "", "attributes": self.attributes_text or "",
+            "authenticatee": "shared_secret" if self.secret else "none",
+            "launcher": "posix", "isolation": "posix/cpu,posix/mem",
+            "executor_registration_timeout": mj.format_duration(
+                self.executor_registration_timeout),
+            "executor_shutdown_grace_period": mj.format_duration(self.executor_shutdown_grace),
+            "status_update_retry_interval": mj.format_duration(self.status_update_retry),
+            "python": self.python, "version": mj.MESOS_VERSION,
+        }
+
+    # --- the master ----------------------------------------------------------------------
+
+    def agent_info(self) -> dict:
+        """AgentInfo JSON as sent to the master (plus `ip`)."""
+        info = {"hostname": self.hostname, "port": self.port, "ip": self.advertised_ip,
+                "resources": self.resources.to_json(), "attributes": self.attributes}
+        if self.agent_id:
+            info["id"] = mj.ident(self.agent_id)
+        return info
+
+    def _registration(self, challenge: protocol.Challenge):
+        proof = protocol.proof(self.secret, challenge.nonce) if self.secret else b""
+        if self.agent_id is None:
+            return protocol.RegisterAgent(info=self.agent_info(), version=mj.MESOS_VERSION,
+                                          proof=proof)
+        executors, tasks, frameworks = [], [], []
+        for fw in self.frameworks.values():
+            frameworks.append(fw.info)
+            for executor in fw.executors.values():
+                if executor.kind != st.COMMAND and executor.state != st.TERMINATED:
+                    executors.append(executor.info)
+                tasks.extend(t.view(self.agent_id) for t in executor.tasks.values())
+        return protocol.ReregisterAgent(
+            agent_id=self.agent_id, info=self.agent_info(), version=mj.MESOS_VERSION,
+            executors=executors, tasks=tasks, frameworks=frameworks, proof=proof)
+
+    def _registered(self, msg: protocol.AgentRegistered) -> None:
+        if self.agent_id is None:
+            log.info("Registered with master {mid} as agent {aid}", mid=msg.master_id,
+                     aid=msg.agent_id)
+        elif msg.agent_id != self.agent_id:
+            log.warn("The master re-admitted us as {new}, not {old}; taking the new id",
+                     new=msg.agent_id, old=self.agent_id)
+        else:
+            log.info("Re-registered with master {mid} as agent {aid}", mid=msg.master_id,
+                     aid=msg.agent_id)
+        self.agent_id = msg.agent_id
+        self.master_id = msg.master_id
+        self.updates.reconnected()
+
+    def _disconnected(self) -> None:
+        log.warn("Lost the master; status updates wait until we are back")
+        self.updates.disconnected()
+
+    def _refused(self, message: str) -> None:
+        self.refused = message
+        self.updates.stop()
+        for fw in list(self.frameworks.values()):
+            self._shutdown_framework(fw.framework_id)
+        self.on_refused(message)
+
+    def _send_update(self, framework_id: str, status: dict) -> None:
+        self.link.send(protocol.StatusUpdate(framework_id=framework_id, status=status))
+
+    def _on_master_message(self, msg) -> None:
+        kind = type(msg)
+        if kind is protocol.RunTask:
+            self._run_task(msg.framework, msg.task)
+        elif kind is protocol.RunTaskGroup:
+            self._run_task_group(msg.framework, msg.executor, msg.task_group)
+        elif kind is protocol.KillTask:
+            self._kill_task(msg.framework_id, msg.task_id, msg.kill_policy)
+        elif kind is protocol.StatusUpdateAck:
+            self._on_ack(msg.framework_id, msg.task_id, msg.uuid)
+        elif kind is protocol.FrameworkMessage:
+            self._to_executor_message(msg)
+        elif kind is protocol.ShutdownExecutor:
+            fw = self.frameworks.get(msg.framework_id)
+            executor = fw.executors.get(msg.executor_id) if fw else None
+            if executor is None:
+                log.warn("Asked to shut down unknown executor {eid} of framework {fid}",
+                         eid=msg.executor_id, fid=msg.framework_id)
+                return
+            self._shutdown_executor(executor, ("TASK_KILLED", "REASON_EXECUTOR_TERMINATED",
+                                               "The executor was shut down"))
+        elif kind is protocol.ShutdownFramework:
+            self._shutdown_framework(msg.framework_id)
+        elif kind is protocol.UpdateFramework:
+            fid = mj.id_of(msg.framework, "id", required=False)
+            if fid in self.frameworks:
+                self.frameworks[fid].update_info(msg.framework)
+        else:
+            log.warn("Unexpected {kind} from the master", kind=kind.__name__)
+
+    # --- launching -----------------------------------------------------------------------
+
+    def _framework(self, info: dict) -> st.Framework:
+        fid = mj.id_of(info, "id")
+        fw = self.frameworks.get(fid)
+        if fw is None:
+            fw = self.frameworks[fid] = st.Framework(info)
+        else:
+            fw.update_info(info)
+        return fw
+
+    def _run_task(self, framework_info: dict, task: dict) -> None:
+        try:
+            fid = mj.id_of(framework_info, "id")
+            tid = mj.id_of(task, "task_id")
+            if "executor" in task:
+                info, kind = self._executor_info(task["executor"], fid), st.CUSTOM
+            elif isinstance(task.get("command"), dict):
+                info, kind = self._command_executor_info(fid, task), st.COMMAND
+            else:
+                raise mj.InvalidMessage("the task has neither 'command' nor 'executor'")
+        except (ValueError, TypeError, AttributeError) as e:  # InvalidMessage is a ValueError
+            self._reject(framework_info, task, f"Invalid task: {e}", "REASON_TASK_INVALID")
+            return
+        fw = self._framework(framework_info)
+        self._add_tasks(fw, info, kind, [task], "task")
+
+    def _run_task_group(self, framework_info: dict, executor: dict, task_group: dict) -> None:
+        tasks = (task_group or {}).get("tasks") if isinstance(task_group, dict) else None
+        try:
+            fid = mj.id_of(framework_info, "id")
+            info = self._executor_info(executor, fid)
+            if not tasks or not isinstance(tasks, list):
+                raise mj.InvalidMessage("the task group has no tasks")
+            for task in tasks:
+                mj.id_of(task, "task_id")
+        except (ValueError, TypeError, AttributeError) as e:  # InvalidMessage is a ValueError
+            for task in tasks or []:
+                self._reject(framework_info, task, f"Invalid task group: {e}",
+                             "REASON_TASK_GROUP_INVALID")
+            return
+        fw = self._framework(framework_info)
+        self._add_tasks(fw, info, st.DEFAULT, tasks, "group")
+
+    def _reject(self, framework_info, task, message: str, reason: str) -> None:
+        fid = mj.id_of(framework_info, "id", required=False) if isinstance(framework_info,
+                                                                           dict) else None
+        tid = mj.id_of(task, "task_id", required=False) if isinstance(task, dict) else None
+        log.error("Dropping a task: {message} (framework {fid}, task {tid})", message=message,
+                  fid=fid, tid=tid)
+        if fid and tid:
+            self._update_without_record(fid, tid, "TASK_FAILED", reason, message)
+
+    def _executor_info(self, info, fid: str) -> dict:
+        """ExecutorInfo with the exact id dicts pymesos compares against."""
+        if not isinstance(info, dict):
+            raise mj.InvalidMessage("'executor' must be an ExecutorInfo object")
+        eid = mj.id_of(info, "executor_id")
+        sandbox.check_id("executor id", eid)
+        return dict(info, executor_id=mj.ident(eid), framework_id=mj.ident(fid))
+
+    def _command_executor_info(self, fid: str, task: dict) -> dict:
+        tid = mj.id_of(task, "task_id")
+        sandbox.check_id("task id", tid)
+        value = str(task["command"].get("value", ""))
+        return {
+            "executor_id": mj.ident(tid), "framework_id": mj.ident(fid),
+            "name": f"Command Executor (Task: {tid}) (Command: sh -c '{value[:64]}')",
+            "source": tid,
+            "command": {"value": self.python, "shell": False,
+                        "arguments": self._builtin_executor_argv()},
+        }
+
+    def _builtin_executor_argv(self) -> list[str]:
+        # -S: our executor needs no site-packages, and skipping site saves ~20 ms a launch.
+        return [self.python, "-S", "-m", BUILTIN_EXECUTOR_MODULE]
+
+    def _add_tasks(self, fw: st.Framework, info: dict, kind: str, tasks: list[dict],
+                   how: str) -> None:
+        eid = mj.id_of(info, "executor_id")
+        if fw.terminating:
+            for task in tasks:
+                self._update_without_record(fw.framework_id, mj.id_of(task, "task_id"),
+                                            self._lost_state(fw), "REASON_FRAMEWORK_REMOVED",
+                                            "The framework is being shut down on this agent")
+            return
+        executor = fw.executors.get(eid)
+        if executor is not None and executor.state in (st.TERMINATING, st.TERMINATED):
+            for task in tasks:
+                self._update_without_record(fw.framework_id, mj.id_of(task, "task_id"),
+                                            self._lost_state(fw), "REASON_EXECUTOR_TERMINATED",
+                                            f"Executor {eid} is terminating")
+            return
+        known = {tid for e in fw.executors.values() for tid in e.tasks}
+        fresh = []
+        for task in tasks:
+            tid = mj.id_of(task, "task_id")
+            if tid in known or (kind == st.COMMAND and executor is not None):
+                log.error("Task {tid} of framework {fid} is already on this agent; ignoring "
+                          "the second launch", tid=tid, fid=fw.framework_id)
+                continue
+            fresh.append(st.Task(task, fw.framework_id, eid))
+        if not fresh:
+            return
+        new = executor is None
+        if new:
+            executor = fw.executors[eid] = st.Executor(info, fw.framework_id, kind)
+        for record in fresh:
+            executor.tasks[record.task_id] = record
+        executor.queue.append((how, [t.task_id for t in fresh]))
+        if new:
+            self._launch(fw, executor)
+        else:
+            self._deliver(executor)
+
+    def _launch(self, fw: st.Framework, executor: st.Executor) -> None:
+        """Create the sandbox and start the executor's container."""
+        executor.container_id = str(uuid.uuid4())
+        directory = None
+        try:
+            directory = sandbox.create_run(self.work_dir, self.agent_id, fw.framework_id,
+                                           executor.executor_id, executor.container_id)
+            # (The fetcher will run here, before the executor starts.)
+            spec = self._launch_spec(fw, executor, directory)
+            container = self.launcher.launch(executor.container_id, spec)
+        except (OSError, ValueError) as e:
+            message = f"Failed to launch the container: {e}"
+            log.error("Executor {eid} of framework {fid}: {message}", eid=executor.executor_id,
+                      fid=fw.framework_id, message=message)
+            self.metrics["container_launch_errors"] += 1
+            if directory:
+                executor.directory = directory
+                try:
+                    with open(os.path.join(directory, "stderr"), "a") as f:
+                        f.write(message + "\n")
+                except OSError:
+                    pass
+            executor.termination = ("TASK_FAILED", "REASON_CONTAINER_LAUNCH_FAILED", message)
+            self._executor_ended(fw.framework_id, executor, None)
+            return
+        executor.directory = directory
+        executor.container = container
+        log.info("Launched executor {eid} of framework {fid} (pid {pid}) in {dir}",
+                 eid=executor.executor_id, fid=fw.framework_id, pid=container.pid, dir=directory)
+        container.exited.addCallback(
+            lambda status: self._executor_ended(fw.framework_id, executor, status))
+        executor.registration_timer = self.reactor.callLater(
+            self.executor_registration_timeout, self._registration_timed_out, executor)
+
+    def _launch_spec(self, fw: st.Framework, executor: st.Executor, directory: str) -> LaunchSpec:
+        if executor.kind == st.CUSTOM:
+            command = executor.info.get("command")
+            if not isinstance(command, dict):
+                raise ValueError("the ExecutorInfo has no 'command' to run")
+            argv, program = command_argv(command)
+        else:
+            argv, program = self._builtin_executor_argv(), self.python
+            command = executor.info.get("command") if executor.kind == st.DEFAULT else None
+        env = self._executor_environment(fw, executor, directory)
+        if isinstance(command, dict):
+            env.update(environment_variables(command))
+        return LaunchSpec(argv=argv, env=env, cwd=directory, program=program,
+                          stdout=os.path.join(directory, "stdout"),
+                          stderr=os.path.join(directory, "stderr"))
+
+    def _executor_environment(self, fw: st.Framework, executor: st.Executor,
+                              directory: str) -> dict:
+        """The agent's environment plus the MESOS_* variables of spec §4.1."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MESOS_", "LIBPROCESS_", "AGORA_TASK_"))}
+        endpoint = f"{self.advertised_ip}:{self.port}"
+        env.update({
+            "MESOS_FRAMEWORK_ID": fw.framework_id,
+            "MESOS_EXECUTOR_ID": executor.executor_id,
+            "MESOS_DIRECTORY": directory,
+            "MESOS_SANDBOX": directory,
+            "MESOS_CHECKPOINT": "1" if fw.checkpoint else "0",
+            "MESOS_AGENT_ENDPOINT": endpoint,
+            "MESOS_SLAVE_ID": self.agent_id or "",
+            "MESOS_AGENT_ID": self.agent_id or "",
+            "MESOS_SLAVE_PID": f"slave(1)@{endpoint}",
+            "MESOS_HTTP_COMMAND_EXECUTOR": "1",
+            # Never zero: pymesos would SIGKILL itself at once on SHUTDOWN (spec §4.5).
+            "MESOS_EXECUTOR_SHUTDOWN_GRACE_PERIOD": mj.format_duration(
+                max(self._shutdown_grace(executor), 0.1)),
+        })
+        if fw.checkpoint:
+            env["MESOS_RECOVERY_TIMEOUT"] = RECOVERY_TIMEOUT
+            env["MESOS_SUBSCRIPTION_BACKOFF_MAX"] = "2secs"
+        if executor.kind != st.CUSTOM:
+            # Our executor imports our packages from wherever the agent runs them; it puts
+            # the original PYTHONPATH back for the tasks.
+            original = os.environ.get("PYTHONPATH", "")
+            env["AGORA_TASK_PYTHONPATH"] = original
+            env["PYTHONPATH"] = CODE_ROOT + (os.pathsep + original if original else "")
+        return env
+
+    def _shutdown_grace(self, executor: st.Executor) -> float:
+        return mj.nanoseconds_to_seconds(executor.info.get("shutdown_grace_period"),
+                                         self.executor_shutdown_grace)
+
+    def _deliver(self, executor: st.Executor) -> None:
+        """Send the executor the tasks queued for it, in order, if it is connected."""
+        if not executor.connected:
+            return
+        queue, executor.queue = executor.queue, []
+        for how, ids in queue:
+            infos = []
+            for tid in ids:
+                task = executor.tasks.get(tid)
+                if task is not None and not task.terminal and not task.delivered:
+                    task.delivered = True
+                    infos.append(task.info)
+            if not infos:
+                continue
+            if how == "group":
+                self._send_event(executor, "LAUNCH_GROUP", {"task_group": {"tasks": infos}})
+            else:
+                for info in infos:
+                    self._send_event(executor, "LAUNCH", {"task": info})
+
+    def _registration_timed_out(self, executor: st.Executor) -> None:
+        executor.registration_timer = None
+        if executor.subscribed or executor.state == st.TERMINATED:
+            return
+        timeout = mj.format_duration(self.executor_registration_timeout)
+        log.warn("Executor {eid} did not subscribe within {t}; killing it",
+                 eid=executor.executor_id, t=timeout)
+        self.metrics["executor_registration_timeouts"] += 1
+        executor.termination = ("TASK_FAILED", "REASON_EXECUTOR_REGISTRATION_TIMEOUT",
+                                f"Executor did not register within {timeout}")
+        executor.state = st.TERMINATING
+        executor.container.destroy(0)
+
+    # --- the executor API (ExecutorHost) ------------------------------------------------
+
+    def find_executor(self, framework_id: str, executor_id: str) -> st.Executor:
+        fw = self.frameworks.get(framework_id)
+        if fw is None:
+            raise HTTPError(400, f"Framework {framework_id} cannot be found on this agent")
+        executor = fw.executors.get(executor_id)
+        if executor is None:
+            raise HTTPError(400, f"Executor {executor_id} of framework {framework_id} cannot "
+                                 "be found on this agent")
+        return executor
+
+    def subscribe(self, executor: st.Executor, stream: Stream, unacknowledged_tasks: list,
+                  unacknowledged_updates: list) -> None:
+        fw = self.frameworks[executor.framework_id]
+        old = executor.stream
+        executor.stream = stream
+        if old is not None and not old.closed:
+            old.close()  # a re-subscription replaces the old stream
+        stream.on_close(lambda: self._stream_closed(executor, stream))
+        resubscribed = executor.subscribed
+        executor.subscribed = True
+        if executor.state == st.LAUNCHING:
+            executor.state = st.RUNNING
+        if executor.registration_timer is not None and executor.registration_timer.active():
+            executor.registration_timer.cancel()
+        executor.registration_timer = None
+        log.info("Executor {eid} of framework {fid} {how}", eid=executor.executor_id,
+                 fid=executor.framework_id, how="re-subscribed" if resubscribed else "subscribed")
+        self._send_event(executor, "SUBSCRIBED", {
+            "executor_info": executor.info, "framework_info": fw.info,
+            "agent_info": self.agent_info(),
+            "container_id": mj.ident(executor.container_id or ""),
+        })
+        if executor.state == st.TERMINATING or executor.state == st.TERMINATED:
+            self._send_event(executor, "SHUTDOWN")
+            return
+        # Tasks the executor already holds must never be launched again (pymesos asserts).
+        held = {mj.id_of(t, "task_id", required=False) for t in unacknowledged_tasks
+                if isinstance(t, dict)}
+        for tid in held:
+            task = executor.tasks.get(tid)
+            if task is not None:
+                task.delivered = True
+        for update in unacknowledged_updates:
+            status = update.get("status") if isinstance(update, dict) else None
+            try:
+                self.executor_update(executor, validate_status(status, executor.executor_id))
+            except HTTPError as e:
+                log.warn("Ignoring an unacknowledged update from executor {eid}: {e}",
+                         eid=executor.executor_id, e=e.message)
+        self._deliver(executor)
+        for task in executor.tasks.values():
+            if task.kill_requested is not None and task.delivered and not task.terminal:
+                self._send_kill(executor, task, task.kill_requested)
+
+    def _stream_closed(self, executor: st.Executor, stream: Stream) -> None:
+        if executor.stream is stream:
+            executor.stream = None
+            if executor.state != st.TERMINATED and not self._stopping:
+                log.info("Executor {eid} of framework {fid} disconnected",
+                         eid=executor.executor_id, fid=executor.framework_id)
+
+    def executor_update(self, executor: st.Executor, status: dict) -> None:
+        tid = mj.id_of(status, "task_id")
+        task = executor.tasks.get(tid)
+        if task is None:
+            if not any(t.task_id == tid for t in executor.completed_tasks):
+                self.metrics["invalid_status_updates"] += 1
+                raise HTTPError(400, f"Task {tid} was not launched on executor "
+                                     f"{executor.executor_id}")
+        else:
+            status = dict(status)
+            status.setdefault("agent_id", mj.ident(self.agent_id))
+            status.setdefault("executor_id", mj.ident(executor.executor_id))
+            status.setdefault("source", "SOURCE_EXECUTOR")
+            if self._take_update(executor, task, status):
+                self.metrics["valid_status_updates"] += 1
+        # Taken (or already had): the executor may forget it.
+        self._send_event(executor, "ACKNOWLEDGED", {"task_id": mj.ident(tid),
+                                                    "uuid": status["uuid"]})
+
+    def executor_message(self, executor: st.Executor, data: bytes) -> None:
+        self.metrics["valid_framework_messages"] += 1
+        if not self.link.send(protocol.FrameworkMessage(
+                framework_id=executor.framework_id, executor_id=executor.executor_id,
+                data=data)):
+            log.warn("Dropping a framework message from executor {eid}: no master",
+                     eid=executor.executor_id)
+
+    def _send_event(self, executor: st.Executor, kind: str, payload: dict | None = None) -> bool:
+        if not executor.connected:
+            return False
+        executor.stream.write(encode_json(mj.event(kind, payload)))
+        return True
+
+    # --- status updates ------------------------------------------------------------------
+
+    def _take_update(self, executor: st.Executor, task: st.Task, status: dict) -> bool:
+        """Record a task's new status and hand it to reliable delivery; False if dropped."""
+        if task.terminal:
+            if status.get("state") != task.state:
+                log.warn("Dropping {state} for task {tid}: it already is {terminal}",
+                         state=status.get("state"), tid=task.task_id, terminal=task.state)
+            return False
+        if not self.updates.update(executor.framework_id, status):
+            return False  # a duplicate
+        task.state = status["state"]
+        task.statuses.append(status)
+        if task.terminal:
+            self.metrics["tasks_" + task.state[len("TASK_"):].lower()] += 1
+        # (Checkpointing will write the update here.)
+        return True
+
+    def _agent_update(self, executor: st.Executor, task: st.Task, state: str, reason: str,
+                      message: str) -> None:
+        """A status the agent makes itself (the executor cannot): it needs an ack too."""
+        status = mj.task_status(task.task_id, state, source="SOURCE_AGENT",
+                                timestamp=self.reactor.seconds(), agent_id=self.agent_id,
+                                executor_id=executor.executor_id, reason=reason,
+                                message=message, uuid=mj.new_uuid())
+        self._take_update(executor, task, status)
+
+    def _update_without_record(self, fid: str, tid: str, state: str, reason: str,
+                               message: str) -> None:
+        """A status for a task the agent keeps no record of (rejected or unknown)."""
+        self.updates.update(fid, mj.task_status(
+            tid, state, source="SOURCE_AGENT", timestamp=self.reactor.seconds(),
+            agent_id=self.agent_id, reason=reason, message=message, uuid=mj.new_uuid()))
+
+    def _on_ack(self, fid: str, tid: str, uuid_b64: str) -> None:
+        status = self.updates.ack(fid, tid, uuid_b64)
+        if status is None:
+            log.debug("Ignoring an unexpected ack {uuid} for task {tid}", uuid=uuid_b64, tid=tid)
+            return
+        if not mj.is_terminal(status.get("state", "")):
+            return
+        fw = self.frameworks.get(fid)
+        eid = mj.id_of(status, "executor_id", required=False)
+        executor = fw.executors.get(eid) if fw is not None and eid else None
+        if executor is None:
+            return
+        task = executor.tasks.pop(tid, None)
+        if task is not None:
+            executor.completed_tasks.append(task)
+        self._maybe_forget_executor(fw, executor)
+
+    @staticmethod
+    def _lost_state(fw: st.Framework | None) -> str:
+        partition_aware = fw is not None and "PARTITION_AWARE" in fw.capabilities()
+        return "TASK_DROPPED" if partition_aware else "TASK_LOST"
+
+    # --- killing and shutting down -------------------------------------------------------
+
+    def _kill_task(self, fid: str, tid: str, kill_policy: dict | None) -> None:
+        fw = self.frameworks.get(fid)
+        executor = task = None
+        if fw is not None:
+            for candidate in fw.executors.values():
+                task = candidate.tasks.get(tid)
+                if task is not None:
+                    executor = candidate
+                    break
+        if task is None:
+            if fw is not None and any(tid == t.task_id for e in fw.executors.values()
+                                      for t in e.completed_tasks):
+                return  # it ended already; the master has (or will get) its terminal update
+            log.warn("Asked to kill unknown task {tid} of framework {fid}", tid=tid, fid=fid)
+            self._update_without_record(fid, tid, self._lost_state(fw), "REASON_TASK_UNKNOWN",
+                                        "The agent does not know this task")
+            return
+        if task.terminal or executor.state == st.TERMINATED:
+            return
+        if not task.delivered:
+            # Still queued: it never reached an executor, so the agent reports the kill.
+            for _, ids in executor.queue:
+                if tid in ids:
+                    ids.remove(tid)
+            self._agent_update(executor, task, "TASK_KILLED", "REASON_TASK_KILLED_DURING_LAUNCH",
+                               "Killed before it was delivered to the executor")
+            if not executor.subscribed and not executor.live_tasks():
+                self._shutdown_executor(executor, ("TASK_KILLED", "REASON_EXECUTOR_TERMINATED",
+                                                   "The executor was shut down"))
+            return
+        if not self._send_kill(executor, task, kill_policy):
+            task.kill_requested = kill_policy or {}  # sent when the executor re-subscribes
+
+    def _send_kill(self, executor: st.Executor, task: st.Task, kill_policy: dict | None) -> bool:
+        payload = {"task_id": mj.ident(task.task_id)}
+        if kill_policy:
+            payload["kill_policy"] = kill_policy
+        if self._send_event(executor, "KILL", payload):
+            task.kill_requested = None
+            return True
+        return False
+
+    def _shutdown_executor(self, executor: st.Executor, termination: tuple[str, str, str]) -> None:
+        """SHUTDOWN to the executor, then kill its container after the grace period."""
+        if executor.state == st.TERMINATED:
+            return
+        if executor.termination is None:
+            executor.termination = termination
+        if executor.state == st.TERMINATING:
+            return
+        executor.state = st.TERMINATING
+        if executor.registration_timer is not None and executor.registration_timer.active():
+            executor.registration_timer.cancel()
+        executor.registration_timer = None
+        grace = self._shutdown_grace(executor)
+        log.info("Shutting down executor {eid} of framework {fid}", eid=executor.executor_id,
+                 fid=executor.framework_id)
+        if self._send_event(executor, "SHUTDOWN"):
+            executor.shutdown_timer = self.reactor.callLater(
+                grace, lambda: executor.container.destroy(0))
+        else:
+            executor.container.destroy(grace)
+
+    def _shutdown_framework(self, fid: str) -> None:
+        fw = self.frameworks.get(fid)
+        if fw is None:
+            return
+        fw.terminating = True
+        for executor in list(fw.executors.values()):
+            self._shutdown_executor(executor, ("TASK_KILLED", "REASON_FRAMEWORK_REMOVED",
+                                               "The framework was removed"))
+            self._maybe_forget_executor(fw, executor)
+        if not fw.executors:
+            self._forget_framework(fw)
+
+    def _executor_ended(self, fid: str, executor: st.Executor, status: int | None) -> None:
+        """The executor's process is gone (or never started): settle its tasks."""
+        self._cancel_timers(executor)
+        executor.state = st.TERMINATED
+        executor.exit_status = status
+        self.metrics["executors_terminated"] += 1
+        if executor.stream is not None:
+            stream, executor.stream = executor.stream, None
+            stream.close()
+        what = describe_status(status) if status is not None else "never started"
+        log.info("Executor {eid} of framework {fid} {what}", eid=executor.executor_id, fid=fid,
+                 what=what)
+        if executor.termination is not None:
+            state, reason, message = executor.termination
+        elif executor.kind == st.COMMAND:
+            state, reason, message = ("TASK_FAILED", "REASON_COMMAND_EXECUTOR_FAILED",
+                                      f"Command executor {what}")
+        else:
+            state, reason, message = ("TASK_FAILED", "REASON_EXECUTOR_TERMINATED",
+                                      f"Executor {what}")
+        executor.queue = []
+        for task in executor.live_tasks():
+            self._agent_update(executor, task, state, reason, message)
+        if executor.kind != st.COMMAND:
+            self.link.send(protocol.ExitedExecutor(
+                framework_id=fid, executor_id=executor.executor_id,
+                status=status if status is not None else -1))
+        if executor.container is not None and not self._stopping:
+            executor.container.destroy(0)  # whatever it left behind in its session
+        fw = self.frameworks.get(fid)
+        if fw is not None:
+            self._maybe_forget_executor(fw, executor)
+
+    def _maybe_forget_executor(self, fw: st.Framework, executor: st.Executor) -> None:
+        """Move a finished executor to the completed list once its tasks are settled."""
+        if executor.state != st.TERMINATED or (executor.tasks and not fw.terminating):
+            return
+        for task in executor.tasks.values():
+            executor.completed_tasks.append(task)
+        executor.tasks.clear()
+        if fw.executors.get(executor.executor_id) is executor:
+            del fw.executors[executor.executor_id]
+            fw.completed_executors.append(executor)
+        if not fw.executors and (fw.terminating or not self._stopping):
+            self._forget_framework(fw)
+
+    def _forget_framework(self, fw: st.Framework) -> None:
+        if self.frameworks.get(fw.framework_id) is fw:
+            del self.frameworks[fw.framework_id]
+            self.completed_frameworks.append(fw)
+        if fw.terminating:
+            # Nobody will acknowledge these any more (Mesos cleans them up the same way).
+            self.updates.streams.remove(fw.framework_id)
+
+    def _to_executor_message(self, msg: protocol.FrameworkMessage) -> None:
+        fw = self.frameworks.get(msg.framework_id)
+        executor = fw.executors.get(msg.executor_id) if fw else None
+        if executor is None or not self._send_event(executor, "MESSAGE",
+                                                    {"data": mj.b64(msg.data)}):
+            self.metrics["invalid_framework_messages"] += 1
+            log.warn("Dropping a framework message for executor {eid} of framework {fid}: "
+                     "it is not connected", eid=msg.executor_id, fid=msg.framework_id)
+            return
+        self.metrics["valid_framework_messages"] += 1
+
+    @staticmethod
+    def _cancel_timers(executor: st.Executor) -> None:
+        for name in ("registration_timer", "shutdown_timer"):
+            timer = getattr(executor, name)
+            if timer is not None and timer.active():
+                timer.cancel()
+            setattr(executor, name, None)

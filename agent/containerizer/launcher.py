@@ -1,0 +1,293 @@
+"""The posix launcher: start a container's first process in a session of its own, watch it end.
+
+A container here is a session: the executor is started with setsid (so pymesos executors,
+which `killpg(0, SIGKILL)` themselves, cannot hit the agent), and everything it starts stays
+in that session unless it calls setsid itself. Killing a container therefore means signalling
+every process of the session, found through /proc (the posix launcher's stand-in for a
+freezer cgroup); where there is no /proc, the session leader's process group.
+
+Exits are noticed without polling: a pidfd (Linux >= 5.3) becomes readable when the process
+ends, and the reactor watches it like a socket. Elsewhere a thread blocks in waitpid.
+Processes are started with subprocess (fork/exec in C), never through a new interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from typing import Callable
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+#: How long a container may take to empty after SIGKILL before we give up and say so.
+KILL_SETTLE_TIMEOUT = 5.0
+_SETTLE_INTERVAL = 0.02
+
+
+@attrs.frozen
+class LaunchSpec:
+    """What to start: argv (argv[0] is looked up in the env's PATH unless `program` is set)."""
+
+    argv: tuple[str, ...] = attrs.field(converter=tuple)
+    env: dict
+    cwd: str
+    stdout: str  # file paths, opened for appending
+    stderr: str
+    program: str | None = None  # the file to execute, when it differs from argv[0]
+
+
+def wait_status(returncode: int) -> int:
+    """The waitpid status for a subprocess returncode (negative = killed by that signal)."""
+    return -returncode if returncode < 0 else (returncode & 0xFF) << 8
+
+
+def describe_status(status: int) -> str:
+    """'exited with status 1' / 'terminated with signal Killed' for a wait status."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"terminated with signal {signal.strsignal(sig) or sig}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def session_members(sid: int) -> list[int] | None:
+    """Pids of the live (non-zombie) processes in session `sid`; None if /proc is unusable."""
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # it ended while we looked
+        # The command name is in parentheses and may itself hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        # fields: state ppid pgrp session ...
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+            members.append(int(name))
+    return members
+
+
+def signal_session(sid: int, sig: int) -> int:
+    """Send `sig` to every process in session `sid`; returns how many were signalled."""
+    members = session_members(sid)
+    if members is None:  # no /proc: the leader's process group is the best we can do
+        try:
+            os.killpg(sid, sig)
+            return 1
+        except (ProcessLookupError, PermissionError):
+            return 0
+    count = 0
+    for pid in members:
+        try:
+            os.kill(pid, sig)
+            count += 1
+        except (ProcessLookupError, PermissionError):
+            pass
+    return count
+
+
+@implementer(IReadDescriptor)
+class _PidfdReader:
+    """Lets the reactor wake us when a pidfd becomes readable (the process exited)."""
+
+    def __init__(self, fd: int, ready: Callable[[], None]):
+        self.fd = fd
+        self.ready = ready
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self):
+        self.ready()
+
+    def connectionLost(self, reason):
+        pass
+
+    def logPrefix(self) -> str:
+        return "pidfd"
+
+
+class Container:
+    """One launched session: its leader's pid, its exit, and the means to kill it all.
+
+    `exited` fires with the leader's wait status. `destroy(grace)` ends the whole session:
+    SIGTERM to every member, SIGKILL to whatever is left after `grace`. Each step scans /proc
+    once (the cost grows with the host's process count; cgroups will make it constant).
+    """
+
+    def __init__(self, reactor, container_id: str, popen: subprocess.Popen):
+        self.reactor = reactor
+        self.container_id = container_id
+        self.pid = popen.pid
+        self.status: int | None = None
+        self.exited: Deferred = Deferred()
+        self._popen = popen
+        self._reader: _PidfdReader | None = None
+        # Destroy state: phase None (not asked), "TERM" (grace period) or "KILL".
+        self._phase: str | None = None
+        self._termed: set[int] = set()  # members that already got SIGTERM
+        self._waiters: list[Deferred] = []
+        self._done = False
+        self._kill_call = None
+        self._step_call = None
+        self._kill_deadline = 0.0
+        self._watch()
+
+    @property
+    def running(self) -> bool:
+        return self.status is None
+
+    # --- exit -------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            # No pidfds: a thread blocks in wait() and hands the result to the reactor.
+            thread = threading.Thread(target=self._wait_in_thread, daemon=True,
+                                      name=f"wait-{self.pid}")
+            thread.start()
+            return
+        self._reader = _PidfdReader(fd, self._reap)
+        self.reactor.addReader(self._reader)
+
+    def _wait_in_thread(self) -> None:
+        returncode = self._popen.wait()
+        self.reactor.callFromThread(self._exited, wait_status(returncode))
+
+    def _reap(self) -> None:
+        returncode = self._popen.poll()
+        if returncode is None:
+            return  # spurious wake-up
+        self.reactor.removeReader(self._reader)
+        os.close(self._reader.fd)
+        self._reader = None
+        self._exited(wait_status(returncode))
+
+    def _exited(self, status: int) -> None:
+        self.status = status
+        self.exited.callback(status)
+        if self._phase is not None:
+            self._step()
+
+    # --- kill -------------------------------------------------------------------------
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to every process of the container."""
+        signal_session(self.pid, sig)
+
+    def destroy(self, grace: float) -> Deferred:
+        """End every process of the container; fires (with the leader's status) when none is left."""
+        waiter = Deferred()
+        if self._done:
+            waiter.callback(self.status)
+            return waiter
+        self._waiters.append(waiter)
+        if self._phase is None:
+            if grace > 0:
+                self._phase = "TERM"
+                self._kill_call = self.reactor.callLater(grace, self._escalate)
+                self._step()
+            else:
+                self._escalate()
+        elif grace <= 0 and self._phase == "TERM":
+            self._escalate()  # a harsher request overrides the grace period
+        return waiter
+
+    def _escalate(self) -> None:
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        self._phase = "KILL"
+        self._kill_deadline = self.reactor.seconds() + KILL_SETTLE_TIMEOUT
+        self._step()
+
+    def _step(self) -> None:
+        """One look at the session: done if empty, else signal and look again soon."""
+        if self._step_call is not None and self._step_call.active():
+            self._step_call.cancel()
+        self._step_call = None
+        if self._done:
+            return
+        members = session_members(self.pid)
+        if members is None:
+            # No /proc: the leader's process group stands for the session.
+            if self.status is not None:
+                self._finish()
+                return
+            try:
+                os.killpg(self.pid, signal.SIGKILL if self._phase == "KILL" else signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        if not members and self.status is not None:
+            self._finish()
+            return
+        for pid in members:
+            if self._phase == "KILL":
+                sig = signal.SIGKILL
+            elif pid in self._termed:
+                continue  # one SIGTERM each: a handler need not run twice
+            else:
+                sig = signal.SIGTERM
+                self._termed.add(pid)
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.status is None:
+            return  # the leader's exit (or the grace timer) brings the next step
+        # The leader is gone but members remain: some were forked after the last sweep, or
+        # have not died yet. Look again shortly.
+        if self._phase == "KILL" and self.reactor.seconds() > self._kill_deadline:
+            log.error("Container {cid}: processes {pids} survive SIGKILL", cid=self.container_id,
+                      pids=members)
+            self._finish()
+            return
+        self._step_call = self.reactor.callLater(_SETTLE_INTERVAL, self._step)
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self.status)
+
+
+class PosixLauncher:
+    """Starts containers as plain processes in their own sessions (no root needed)."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def launch(self, container_id: str, spec: LaunchSpec) -> Container:
+        """Start `spec`; raises OSError (e.g. ENOENT, EACCES) when it cannot be started."""
+        stdout = open(spec.stdout, "ab")
+        try:
+            stderr = open(spec.stderr, "ab")
+            try:
+                popen = subprocess.Popen(
+                    list(spec.argv), executable=spec.program, env=spec.env, cwd=spec.cwd,
+                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                    close_fds=True, start_new_session=True,
+                )
+            finally:
+                stderr.close()
+        finally:
+            stdout.close()
+        return Container(self.reactor, container_id, popen)

@@ -1,0 +1,240 @@
+"""The agent's connection to the master: connect, answer the challenge, reconnect forever.
+
+    connect ──> Challenge ──> (Re)RegisterAgent ──> AgentRegistered ──> registered
+       ^                                                                    │
+       └──── backoff (0.1 s ×2 … 10 s, jittered) <── link lost / silent ────┘
+
+The agent supplies the registration message (it knows whether it has an id and what runs);
+this module owns the socket, the backoff, Ping/Pong, and the watchdog that drops a link on
+which the master has gone silent. AgentRefused and ShutdownAgent end the reconnecting for
+good: the agent is not wanted as it is, and retrying would only repeat the refusal.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+
+from agora import protocol
+from agora.link import Link
+
+log = Logger()
+
+#: Give up on a connection that does not get us registered within this time.
+REGISTRATION_TIMEOUT = 10.0
+#: Drop a registered link after this many ping intervals without a word from the master.
+MAX_SILENT_PINGS = 5
+
+
+class Backoff:
+    """Exponential backoff with jitter: initial, ×factor, capped; pure apart from `rand`."""
+
+    def __init__(self, initial: float = 0.1, factor: float = 2.0, cap: float = 10.0,
+                 jitter: float = 0.25, rand: Callable[[], float] = random.random):
+        self.initial, self.factor, self.cap, self.jitter = initial, factor, cap, jitter
+        self.rand = rand
+        self._next = initial
+
+    def next(self) -> float:
+        """The delay before the next attempt (and grow the one after)."""
+        base = self._next
+        self._next = min(self._next * self.factor, self.cap)
+        return base * (1 - self.jitter + 2 * self.jitter * self.rand())
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+class _Factory(ClientFactory):
+    def __init__(self, owner: MasterLink):
+        self.owner = owner
+
+    def buildProtocol(self, addr):
+        link = Link(self.owner.reactor, send_prefix=True)
+        self.owner._attach(link)
+        return link
+
+    def clientConnectionFailed(self, connector, reason):
+        self.owner._connection_failed(reason)
+
+
+class MasterLink:
+    """Keeps one registered link to the master alive.
+
+    Callbacks: `registration(challenge) -> RegisterAgent | ReregisterAgent`,
+    `on_registered(AgentRegistered)`, `on_message(msg)` for everything else the master sends,
+    `on_disconnected()` when a registered link goes, `on_refused(message)` when the master
+    refuses or removes the agent (no more reconnects after that).
+    """
+
+    def __init__(self, reactor, host: str, port: int, *,
+                 registration: Callable[[protocol.Challenge], object],
+                 on_registered: Callable[[protocol.AgentRegistered], None],
+                 on_message: Callable[[object], None],
+                 on_disconnected: Callable[[], None] = lambda: None,
+                 on_refused: Callable[[str], None] = lambda message: None,
+                 backoff: Backoff | None = None,
+                 registration_timeout: float = REGISTRATION_TIMEOUT):
+        self.reactor = reactor
+        self.host, self.port = host, port
+        self.registration = registration
+        self.on_registered = on_registered
+        self.on_message = on_message
+        self.on_disconnected = on_disconnected
+        self.on_refused = on_refused
+        self.backoff = backoff or Backoff()
+        self.registration_timeout = registration_timeout
+        self.registered = False
+        self.refused: str | None = None
+        self._link: Link | None = None
+        self._connector = None
+        self._running = False
+        self._retry_call = None
+        self._timeout_call = None
+        self._watchdog_call = None
+        self._ping_interval = 0.0
+        self._last_heard = 0.0
+        self._stopped: Deferred | None = None
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._connect()
+
+    def stop(self) -> Deferred:
+        """Close the link and stop reconnecting; fires when the connection is gone."""
+        self._running = False
+        self._cancel(self._retry_call)
+        self._retry_call = None
+        self._cancel_link_timers()
+        if self._link is not None and self._link.connected:
+            self._stopped = Deferred()
+            self._link.close()
+            return self._stopped
+        if self._connector is not None and self._connector.state == "connecting":
+            self._connector.stopConnecting()
+        return succeed(None)
+
+    def send(self, msg) -> bool:
+        """Send to the master if registered; False (message dropped) otherwise."""
+        if not self.registered or self._link is None:
+            return False
+        self._link.send(msg)
+        return True
+
+    # --- connection --------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._retry_call = None
+        if not self._running:
+            return
+        self._connector = self.reactor.connectTCP(self.host, self.port, _Factory(self),
+                                                  timeout=5)
+
+    def _attach(self, link: Link) -> None:
+        self._link = link
+        link.on_message = lambda msg, link=link: self._received(link, msg)
+        link.on_lost = lambda reason, link=link: self._lost(link, reason)
+        self._timeout_call = self.reactor.callLater(self.registration_timeout,
+                                                    self._registration_timed_out, link)
+
+    def _connection_failed(self, reason) -> None:
+        self._connector = None
+        self._retry(f"cannot connect: {reason.getErrorMessage()}")
+
+    def _retry(self, why: str) -> None:
+        if not self._running or self._retry_call is not None:
+            return
+        delay = self.backoff.next()
+        log.info("Master {host}:{port}: {why}; retrying in {delay:.2f}s", host=self.host,
+                 port=self.port, why=why, delay=delay)
+        self._retry_call = self.reactor.callLater(delay, self._connect)
+
+    def _received(self, link: Link, msg) -> None:
+        if link is not self._link:
+            return
+        self._last_heard = self.reactor.seconds()
+        kind = type(msg)
+        if kind is protocol.Ping:
+            link.send(protocol.Pong(seq=msg.seq))
+        elif kind is protocol.Challenge:
+            link.send(self.registration(msg))
+        elif kind is protocol.AgentRegistered:
+            self._cancel(self._timeout_call)
+            self._timeout_call = None
+            self.backoff.reset()
+            self._ping_interval = msg.ping_interval or 0.0
+            self._arm_watchdog()
+            first = not self.registered
+            self.registered = True
+            if not first:
+                log.info("Master re-confirmed the registration as {aid}", aid=msg.agent_id)
+            self.on_registered(msg)
+        elif kind is protocol.AgentRefused or kind is protocol.ShutdownAgent:
+            what = "refused the agent" if kind is protocol.AgentRefused else "shut the agent down"
+            log.critical("THE MASTER {what}: {message}. Not reconnecting.", what=what,
+                         message=msg.message)
+            self.refused = msg.message
+            self._running = False
+            link.close()
+            self.on_refused(msg.message)
+        elif self.registered:
+            self.on_message(msg)
+        else:
+            log.warn("Dropping {kind} from the master before registration", kind=kind.__name__)
+
+    def _lost(self, link: Link, reason) -> None:
+        if link is not self._link:
+            return
+        self._link = None
+        self._connector = None
+        self._cancel_link_timers()
+        was_registered, self.registered = self.registered, False
+        if was_registered:
+            self.on_disconnected()
+        if self._stopped is not None:
+            stopped, self._stopped = self._stopped, None
+            stopped.callback(None)
+        self._retry(f"link lost ({reason.getErrorMessage()})")
+
+    def _registration_timed_out(self, link: Link) -> None:
+        self._timeout_call = None
+        if link is self._link and not self.registered:
+            log.warn("Master {host}:{port} did not register us within {t}s; reconnecting",
+                     host=self.host, port=self.port, t=self.registration_timeout)
+            link.transport.abortConnection()
+
+    # --- liveness ----------------------------------------------------------------------
+
+    def _arm_watchdog(self) -> None:
+        self._cancel(self._watchdog_call)
+        self._watchdog_call = None
+        if self._ping_interval > 0:
+            self._watchdog_call = self.reactor.callLater(self._ping_interval, self._watch)
+
+    def _watch(self) -> None:
+        self._watchdog_call = None
+        link = self._link
+        if link is None:
+            return
+        silent = self.reactor.seconds() - self._last_heard
+        if silent > self._ping_interval * MAX_SILENT_PINGS:
+            log.warn("No word from the master for {s:.0f}s; reconnecting", s=silent)
+            link.transport.abortConnection()
+            return
+        self._arm_watchdog()
+
+    def _cancel_link_timers(self) -> None:
+        self._cancel(self._timeout_call)
+        self._cancel(self._watchdog_call)
+        self._timeout_call = self._watchdog_call = None
+
+    @staticmethod
+    def _cancel(call) -> None:
+        if call is not None and call.active():
+            call.cancel()

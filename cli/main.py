@@ -1,0 +1,112 @@
+"""The `agora` command: `agora master`, `agora agent`, `agora local`."""
+
+import argparse
+import os
+import sys
+import tempfile
+
+from agora.resources import Resources
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, 5050
+    try:
+        return host, int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
+
+
+def _resources(text: str) -> str:
+    try:
+        Resources.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _read_secret(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        sys.exit(f"agora: cannot read --secret-file: {e}")
+    if not secret:
+        sys.exit(f"agora: --secret-file {path} is empty")
+    return secret
+
+
+def _master_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allocation-interval", type=float, default=1.0, metavar="SECS",
+                   help="batched allocation cycle period (default 1)")
+    p.add_argument("--offer-timeout", type=float, default=None, metavar="SECS",
+                   help="rescind offers held longer than this (default: never)")
+    p.add_argument("--agent-ping-timeout", type=float, default=15.0, metavar="SECS",
+                   help="period of agent pings (default 15)")
+    p.add_argument("--max-agent-ping-timeouts", type=int, default=5, metavar="N",
+                   help="missed pings before an agent is unreachable (default 5)")
+    p.add_argument("--registry", choices=("sqlite", "in_memory"), default="sqlite",
+                   help="where admitted agents are kept (default: a SQLite file in --work-dir)")
+
+
+def _agent_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resources", type=_resources, default=None,
+                   help="e.g. 'cpus:4;mem:2048;ports:[31000-32000]' (default: detected)")
+    p.add_argument("--attributes", default=None, help="e.g. 'rack:r1;zone:a'")
+    p.add_argument("--status-update-retry", type=float, default=10.0, metavar="SECS",
+                   help="first retry interval of unacknowledged status updates (default 10)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="agora", description="A Mesos-style cluster scheduler.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("master", help="run a master")
+    m.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    m.add_argument("--port", type=int, default=5050)
+    m.add_argument("--hostname", default=None)
+    m.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-master"))
+    m.add_argument("--secret-file", default=None,
+                   help="file holding a secret agents must prove they know")
+    _master_options(m)
+
+    a = sub.add_parser("agent", help="run an agent")
+    a.add_argument("--master", type=_address, required=True, metavar="HOST:PORT")
+    a.add_argument("--ip", default="127.0.0.1")
+    a.add_argument("--port", type=int, default=5051)
+    a.add_argument("--hostname", default=None)
+    a.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-agent"))
+    a.add_argument("--secret-file", default=None)
+    _agent_options(a)
+
+    loc = sub.add_parser("local", help="run a master and N agents in one process")
+    loc.add_argument("--agents", type=int, default=1, metavar="N")
+    loc.add_argument("--ip", default="127.0.0.1")
+    loc.add_argument("--port", type=int, default=5050, help="master port; agents take the next ones")
+    loc.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-local"))
+    _master_options(loc)
+    _agent_options(loc)
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from twisted.internet import reactor
+
+    from cli.run import run_agent, run_local, run_master, setup_logging
+
+    setup_logging()
+    if args.command == "master":
+        return run_master(reactor, args, _read_secret(args.secret_file))
+    if args.command == "agent":
+        return run_agent(reactor, args, _read_secret(args.secret_file))
+    if args.agents < 1:
+        sys.exit("agora: --agents must be at least 1")
+    return run_local(reactor, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

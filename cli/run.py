@@ -1,0 +1,114 @@
+"""Running daemons under the reactor: start, print where they are, stop cleanly."""
+
+import os
+import sys
+
+from twisted.internet import defer
+from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                            globalLogBeginner, textFileLogObserver)
+
+
+def setup_logging(level: str | None = None) -> None:
+    level = level or os.environ.get("AGORA_LOG_LEVEL", "info")
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def _master_kwargs(args) -> dict:
+    return dict(allocation_interval=args.allocation_interval, offer_timeout=args.offer_timeout,
+                agent_ping_timeout=args.agent_ping_timeout,
+                max_agent_ping_timeouts=args.max_agent_ping_timeouts)
+
+
+def _serve(reactor, services: list, banner) -> int:
+    """Start services in order, print the banner, stop them in reverse on shutdown."""
+    failed = []
+
+    @defer.inlineCallbacks
+    def start():
+        try:
+            for service in services:
+                yield service.start()
+        except Exception as e:
+            failed.append(e)
+            print(f"agora: failed to start: {e}", file=sys.stderr)
+            reactor.stop()
+            return
+        banner()
+
+    @defer.inlineCallbacks
+    def stop():
+        for service in reversed(services):
+            try:
+                yield service.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"agora: error while stopping: {e}", file=sys.stderr)
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return 1 if failed else 0
+
+
+def run_master(reactor, args, secret) -> int:
+    from master.service import MasterService
+
+    master = MasterService(reactor, ip=args.ip, port=args.port, work_dir=args.work_dir,
+                           registry=args.registry, hostname=args.hostname, secret=secret,
+                           **_master_kwargs(args))
+    return _serve(reactor, [master],
+                  lambda: print(f"Master: http://{args.ip}:{master.port}", flush=True))
+
+
+def run_agent(reactor, args, secret) -> int:
+    from agent.agent import Agent
+
+    agent = Agent(reactor, master=args.master, work_dir=args.work_dir, ip=args.ip,
+                  port=args.port, hostname=args.hostname, resources=args.resources,
+                  attributes=args.attributes, secret=secret,
+                  status_update_retry=args.status_update_retry)
+    return _serve(reactor, [agent],
+                  lambda: print(f"Agent: http://{args.ip}:{agent.port}", flush=True))
+
+
+def run_local(reactor, args) -> int:
+    from agent.agent import Agent
+    from master.service import MasterService
+
+    os.makedirs(args.work_dir, exist_ok=True)
+    master = MasterService(reactor, ip=args.ip, port=args.port,
+                           work_dir=os.path.join(args.work_dir, "master"),
+                           registry=args.registry, **_master_kwargs(args))
+    services = [master]
+    agents = []
+
+    class _Agents:
+        """Creates the agents once the master's port is known (it may be 0)."""
+
+        def start(self):
+            ds = []
+            for i in range(args.agents):
+                port = 0 if args.port == 0 else args.port + 1 + i
+                agent = Agent(reactor, master=(args.ip, master.port),
+                              work_dir=os.path.join(args.work_dir, f"agent{i}"), ip=args.ip,
+                              port=port, resources=args.resources, attributes=args.attributes,
+                              status_update_retry=args.status_update_retry)
+                agents.append(agent)
+                ds.append(agent.start())
+            return defer.gatherResults(ds, consumeErrors=True)
+
+        def stop(self):
+            return defer.DeferredList([a.stop() for a in agents])
+
+    services.append(_Agents())
+
+    def banner():
+        print(f"Agora local cluster ({len(agents)} agents), work dir {args.work_dir}", flush=True)
+        print(f"  master: http://{args.ip}:{master.port}   (pymesos: {args.ip}:{master.port})",
+              flush=True)
+        for i, a in enumerate(agents):
+            print(f"  agent{i}: http://{args.ip}:{a.port}", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+
+    return _serve(reactor, services, banner)

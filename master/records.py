@@ -1,0 +1,143 @@
+"""What the master remembers about frameworks, agents, tasks and offers (soft state)."""
+
+from collections import deque
+
+import attrs
+
+from agora.resources import Resources
+
+
+@attrs.define(eq=False)
+class Task:
+    """A task as the master knows it: the latest state the agent reported."""
+
+    id: str
+    framework_id: str
+    agent_id: str
+    executor_id: str  # "" for command tasks
+    info: dict  # TaskInfo JSON as launched
+    resources: Resources
+    state: str = "TASK_STAGING"
+    status: dict | None = None  # latest TaskStatus
+    statuses: list = attrs.field(factory=list)  # (state, timestamp) history
+    kill_requested: bool = False
+    resources_recovered: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", "")
+
+
+@attrs.define(eq=False)
+class Executor:
+    """A custom executor running on an agent for a framework."""
+
+    id: str
+    framework_id: str
+    info: dict
+    resources: Resources
+
+
+@attrs.define(eq=False)
+class Framework:
+    """A framework: its info, its subscription stream and what it holds."""
+
+    id: str
+    info: dict
+    roles: tuple
+    registered_time: float
+    stream: object | None = None  # agora.http.Stream while subscribed
+    stream_id: str | None = None
+    connected: bool = False
+    failover_call: object | None = None
+    tasks: dict = attrs.field(factory=dict)  # task id -> Task
+    unreachable_tasks: dict = attrs.field(factory=dict)
+    completed_tasks: deque = attrs.field(factory=lambda: deque(maxlen=1000))
+    offers: set = attrs.field(factory=set)  # offer ids
+    reregistered_time: float | None = None
+    unregistered_time: float | None = None
+    removed: bool = False
+
+    @property
+    def capabilities(self) -> set:
+        return {c.get("type") for c in self.info.get("capabilities", []) if isinstance(c, dict)}
+
+    @property
+    def partition_aware(self) -> bool:
+        return "PARTITION_AWARE" in self.capabilities
+
+    @property
+    def multi_role(self) -> bool:
+        return "MULTI_ROLE" in self.capabilities
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", "")
+
+    @property
+    def failover_timeout(self) -> float:
+        value = self.info.get("failover_timeout", 0)
+        return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+@attrs.define(eq=False)
+class Agent:
+    """An agent: its info, its connection and what runs on it."""
+
+    id: str
+    info: dict
+    total: Resources
+    registered_time: float
+    link: object | None = None  # agora.link.Link while connected
+    connected: bool = False
+    active: bool = True
+    reregistered_time: float | None = None
+    tasks: dict = attrs.field(factory=dict)  # (framework id, task id) -> Task
+    executors: dict = attrs.field(factory=dict)  # framework id -> {executor id -> Executor}
+    offers: set = attrs.field(factory=set)
+    pong_pending: bool = False
+    missed_pings: int = 0
+    lost_call: object | None = None
+
+    @property
+    def hostname(self) -> str:
+        return self.info.get("hostname", "")
+
+    @property
+    def port(self) -> int:
+        return int(self.info.get("port", 5051))
+
+    @property
+    def ip(self) -> str:
+        return self.info.get("ip") or self.hostname
+
+    @property
+    def attributes(self) -> list:
+        return self.info.get("attributes", [])
+
+    @property
+    def pid(self) -> str:
+        return f"slave(1)@{self.ip}:{self.port}"
+
+    def used(self) -> dict:
+        """framework id -> resources its live tasks and executors hold here."""
+        used: dict = {}
+        for task in self.tasks.values():
+            if not task.resources_recovered:
+                used[task.framework_id] = used.get(task.framework_id, Resources()) + task.resources
+        for fid, executors in self.executors.items():
+            for ex in executors.values():
+                used[fid] = used.get(fid, Resources()) + ex.resources
+        return used
+
+
+@attrs.define(eq=False)
+class OfferRecord:
+    """An outstanding offer."""
+
+    id: str
+    framework_id: str
+    agent_id: str
+    role: str
+    resources: Resources
+    timeout_call: object | None = None

@@ -1,0 +1,91 @@
+"""The agent's link to the master: registration, secret, Ping/Pong, refusal, reconnects."""
+
+from __future__ import annotations
+
+from agent_harness import agent_reactor, make_cluster, process_alive, wait_for  # noqa: F401
+
+from agora import protocol
+
+
+def test_agent_registers_with_its_info_and_answers_pings(make_cluster):
+    """RegisterAgent carries hostname, port, ip, resources and attributes; Ping gets Pong(seq)."""
+    c = make_cluster(attributes="rack:r1;level:2", hostname="node-a")
+    assert c.wait_registered() == "fake-S0"
+    register = c.master.of(protocol.RegisterAgent)[0]
+    info = register.info
+    assert info["hostname"] == "node-a" and info["port"] == c.agent.port
+    assert info["ip"] == "127.0.0.1"
+    names = {r["name"] for r in info["resources"]}
+    assert names == {"cpus", "mem", "disk", "ports"}
+    assert {"name": "rack", "type": "TEXT", "text": {"value": "r1"}} in info["attributes"]
+    assert register.version == "1.11.0" and register.proof == b""
+    c.send(protocol.Ping(seq=7))
+    wait_for(lambda: protocol.Pong(seq=7) in c.master.messages, what="Pong(7)")
+
+
+def test_agent_proves_the_shared_secret(make_cluster):
+    """With a secret, the registration carries the HMAC of the master's nonce."""
+    c = make_cluster(master_options={"secret": b"s3cret"}, secret=b"s3cret")
+    c.wait_registered()
+    link = c.master.links[0]
+    assert c.master.of(protocol.RegisterAgent)[0].proof == protocol.proof(b"s3cret", link.nonce)
+
+
+def test_refused_agent_stops_connecting(make_cluster):
+    """AgentRefused is final: the agent records the reason and does not come back."""
+    c = make_cluster(master_options={"refuse": "go away"})
+    wait_for(lambda: c.agent.refused == "go away", what="the refusal")
+    connections = c.master.connections
+    wait_for(lambda: not c.agent.link._running, what="reconnecting to stop")
+    assert c.master.connections == connections and not c.agent.registered
+
+
+def test_reconnect_reregisters_with_the_running_task(make_cluster):
+    """After the master drops the link the agent comes back with ReregisterAgent and its task."""
+    c = make_cluster()
+    c.wait_registered()
+    c.run_task("long", "sleep 30")
+    c.wait_state("long", "TASK_RUNNING")
+    c.call(c.master.drop)
+    rereg = wait_for(lambda: c.master.of(protocol.ReregisterAgent), what="ReregisterAgent")[0]
+    assert rereg.agent_id == "fake-S0"
+    [task] = rereg.tasks
+    assert task["task_id"] == {"value": "long"} and task["state"] == "TASK_RUNNING"
+    assert task["framework_id"] == {"value": "fw-1"} and task["status"]["state"] == "TASK_RUNNING"
+    assert rereg.frameworks[0]["id"] == {"value": "fw-1"}
+    assert rereg.executors == []  # a command executor is the agent's business, not the master's
+    wait_for(lambda: c.agent.registered, what="re-registration")
+    # The task kept running through it all.
+    assert process_alive(c.executor_pid("long"))
+
+
+def test_unacked_updates_are_resent_after_a_reconnect(make_cluster):
+    """An update the master never acked goes out again as soon as the agent is back."""
+    c = make_cluster(master_options={"auto_ack": False}, status_update_retry=60)
+    c.wait_registered()
+    c.run_task("t", "true")
+    first = c.wait_state("t", "TASK_STARTING")
+    c.call(c.master.drop)
+    wait_for(lambda: c.master.of(protocol.ReregisterAgent), what="ReregisterAgent")
+    wait_for(lambda: [s for s in c.master.updates("t") if s["uuid"] == first["uuid"]][1:],
+             what="the STARTING update to be re-sent")
+
+
+def test_silent_master_is_dropped_and_reconnected(make_cluster):
+    """With a ping interval, a master that says nothing for 5 intervals gets a new connection."""
+    c = make_cluster(master_options={"ping_interval": 0.1})
+    c.wait_registered()
+    wait_for(lambda: c.master.connections >= 2, what="a reconnect after silence")
+
+
+def test_shutdown_agent_kills_everything_and_stops_connecting(make_cluster):
+    """ShutdownAgent: the agent's tasks are killed, and it does not reconnect."""
+    c = make_cluster()
+    c.wait_registered()
+    c.run_task("doomed", "sleep 100")
+    c.wait_state("doomed", "TASK_RUNNING")
+    pid = c.executor_pid("doomed")
+    c.send(protocol.ShutdownAgent(message="removed by the operator"))
+    wait_for(lambda: c.agent.refused == "removed by the operator", what="the shutdown")
+    wait_for(lambda: not process_alive(pid), what="the task's executor to be gone")
+    assert c.master.connections == 1 and not c.agent.registered
