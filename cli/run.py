@@ -1,6 +1,8 @@
 """Running daemons under the reactor: start, print where they are, stop cleanly."""
 
+import gc
 import os
+import resource
 import sys
 
 from twisted.internet import defer
@@ -13,6 +15,13 @@ def setup_logging(level: str | None = None) -> None:
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def prepare_process() -> None:
+    """Process-wide settings for a daemon: many open files, a calmer garbage collector."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # one socket per agent and per scheduler connection
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _master_kwargs(args) -> dict:
@@ -35,6 +44,8 @@ def _serve(reactor, services: list, banner) -> int:
             print(f"agora: failed to start: {e}", file=sys.stderr)
             reactor.stop()
             return
+        # What start-up built lives as long as the process: keep the collector off it.
+        gc.freeze()
         banner()
 
     @defer.inlineCallbacks
@@ -45,6 +56,7 @@ def _serve(reactor, services: list, banner) -> int:
             except Exception as e:  # keep stopping the others
                 print(f"agora: error while stopping: {e}", file=sys.stderr)
 
+    prepare_process()
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.callWhenRunning(start)
     reactor.run()

@@ -60,7 +60,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("master", help="HOST:PORT of the master (or zk://...)")
     p.add_argument("--tasks", type=int, default=10)
-    p.add_argument("--command", default="echo hello from $MESOS_TASK_ID; sleep 1")
+    p.add_argument("--command", default="echo hello from Agora; sleep 1")
     p.add_argument("--cpus", type=float, default=0.1)
     p.add_argument("--mem", type=float, default=32)
     p.add_argument("--timeout", type=float, default=300)
