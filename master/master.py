@@ -717,10 +717,17 @@ class Master:
                 link.send(protocol.AgentRefused(message="Authentication failed: the agent's "
                                                         "--secret does not match the master's"))
                 link.close()
-            elif kind is protocol.RegisterAgent:
-                self._register_agent(link, msg)
+                return
+            try:
+                info, total = _agent_info(msg.info, link)
+            except ValueError as e:
+                link.send(protocol.AgentRefused(message=f"Invalid agent info: {e}"))
+                link.close()
+                return
+            if kind is protocol.RegisterAgent:
+                self._register_agent(link, info, total)
             else:
-                self._reregister_agent(link, msg)
+                self._reregister_agent(link, msg, info, total)
             return
         agent = link.agent
         if agent is None:
@@ -742,13 +749,7 @@ class Master:
         else:
             log.warn("Unexpected {kind} from agent {aid}", kind=kind.__name__, aid=agent.id)
 
-    def _register_agent(self, link, msg) -> None:
-        try:
-            info, total = _agent_info(msg.info, link)
-        except ValueError as e:
-            link.send(protocol.AgentRefused(message=f"Invalid agent info: {e}"))
-            link.close()
-            return
+    def _register_agent(self, link, info: dict, total: Resources) -> None:
         agent_id = f"{self.id}-S{next(self._agent_seq)}"
         d = self.registrar.admit(agent_id, info)
         d.addCallback(lambda _: self._admitted(link, agent_id, info, total))
@@ -771,13 +772,7 @@ class Master:
                  host=agent.hostname, port=agent.port, res=str(total))
         self.trigger_allocation()
 
-    def _reregister_agent(self, link, msg) -> None:
-        try:
-            info, total = _agent_info(msg.info, link)
-        except ValueError as e:
-            link.send(protocol.AgentRefused(message=f"Invalid agent info: {e}"))
-            link.close()
-            return
+    def _reregister_agent(self, link, msg, info: dict, total: Resources) -> None:
         agent_id = msg.agent_id
         registered = self.registrar.agents().get(agent_id)
         if registered is not None and registered[0] == "gone":

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import threading
-import time
 
 import pytest
 from twisted.internet.protocol import Factory
@@ -33,6 +32,7 @@ from agora.link import Link
 from agent.agent import Agent
 from agent.containerizer.launcher import session_members
 from agent.sandbox import sandbox_path
+from tests.cluster import wait_for as poll_until
 
 DEADLINE = 10.0
 
@@ -40,14 +40,7 @@ DEADLINE = 10.0
 def wait_for(predicate, timeout: float = DEADLINE, interval: float = 0.02,
              what: str = "condition"):
     """Poll `predicate` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return poll_until(predicate, timeout, interval, what)
 
 
 def process_alive(pid: int) -> bool:
