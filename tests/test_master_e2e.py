@@ -303,8 +303,9 @@ def test_agent_secret_handshake(tmp_path):
         master.stop()
 
 
-def test_local_stops_cleanly_on_sigterm(tmp_path):
-    """SIGTERM stops `agora local` with its running tasks, leaving no process behind."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_local_stops_cleanly(tmp_path, sig):
+    """SIGTERM or Ctrl-C stops `agora local` with its running tasks, leaving no process behind."""
     c = LocalCluster(tmp_path, agents=2)
     name = unique("bystander")
     sched = Recorder([(name, "sleep 300")])
@@ -313,6 +314,6 @@ def test_local_stops_cleanly_on_sigterm(tmp_path):
     driver.stop(failover=True)
     driver.join()
     assert processes_with(name)
-    assert c.stop(signal.SIGTERM) == 0
+    assert c.stop(sig) == 0
     wait_for(lambda: not processes_with(name), what="no task process left")
     wait_for(lambda: not processes_with(c.work_dir), what="no agora process left")

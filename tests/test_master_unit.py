@@ -203,3 +203,21 @@ def test_agent_secret_is_checked(clock):
         clock.advance(0)
         assert bool(link.of(protocol.AgentRegistered)) is admitted
         assert bool(link.of(protocol.AgentRefused)) is not admitted
+
+
+def test_offer_timeout_rescinds(clock):
+    """An offer held past --offer-timeout is rescinded and its resources offered again."""
+    m = Master(clock, ip="127.0.0.1", port=5050, registrar=Registrar(clock, MemoryRegistry()),
+               offer_timeout=30.0)
+    m.start()
+    add_agent(m, clock)
+    stream, fw = subscribe(m, clock)
+    offer = stream.of("OFFERS")[0]["offers"][0]
+    clock.advance(29)
+    assert not stream.of("RESCIND")
+    clock.advance(1)
+    assert stream.of("RESCIND")[0]["offer_id"] == offer["id"]
+    assert offer["id"]["value"] not in m.offers
+    clock.advance(1)
+    assert len(stream.of("OFFERS")) == 2
+    m.stop()
