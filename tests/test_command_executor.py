@@ -156,7 +156,9 @@ def test_task_group_runs_side_by_side_and_a_failure_kills_the_rest(cluster):
     wait_for(lambda: no_session_left(pid), what="the group's executor to exit")
     output = cluster.read_sandbox("grp")
     assert "from-a" in output and "from-b" in output
-    assert cluster.master.of(protocol.ExitedExecutor)[0].executor_id == "grp"
+    exited = wait_for(lambda: cluster.master.of(protocol.ExitedExecutor),
+                      what="ExitedExecutor at the master")
+    assert exited[0].executor_id == "grp"
 
 
 def test_executor_resubscribes_when_its_stream_drops(cluster):
