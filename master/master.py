@@ -849,6 +849,8 @@ class Master:
             link.send(protocol.ShutdownFramework(framework_id=fid))
             agent.executors.pop(fid, None)
         self.allocator.add_agent(agent_id, total, used=agent.used())
+        if not agent.active:
+            self.allocator.deactivate_agent(agent_id)
         self.metrics["slave_reregistrations"] += 1
         link.send(protocol.AgentRegistered(agent_id=agent_id, master_id=self.id,
                                            ping_interval=self.agent_ping_timeout))
@@ -883,6 +885,69 @@ class Master:
                  aid=agent.id, t=timeout)
         agent.lost_call = self.reactor.callLater(timeout, self.mark_unreachable, agent)
 
+    def agent_for_operator(self, agent_id) -> Agent:
+        agent = self.agents.get(agent_id) if isinstance(agent_id, str) else None
+        if agent is None:
+            raise CallError(404, f"Agent {agent_id} is not registered")
+        return agent
+
+    def deactivate_agent(self, agent: Agent) -> None:
+        """No more offers from this agent; what runs there keeps running."""
+        agent.active = False
+        self.allocator.deactivate_agent(agent.id)
+        for offer_id in list(agent.offers):
+            self._remove_offer(offer_id, rescind=True)
+
+    def reactivate_agent(self, agent: Agent) -> None:
+        """Offer the agent again, ending any drain."""
+        agent.active, agent.drain_state, agent.drain_config = True, None, None
+        if agent.connected:
+            self.allocator.activate_agent(agent.id)
+        self.trigger_allocation()
+
+    def drain_agent(self, agent: Agent, max_grace_period: float | None,
+                    mark_gone: bool) -> None:
+        """Deactivate the agent and kill its tasks (within `max_grace_period`, if given).
+
+        The agent is DRAINING until no task runs there, then DRAINED; with `mark_gone` it is
+        then marked gone and told to shut down, and may never come back under its id.
+        """
+        self.deactivate_agent(agent)
+        agent.drain_state = "DRAINING"
+        agent.drain_config = {"max_grace_period": max_grace_period, "mark_gone": mark_gone}
+        policy = None
+        if max_grace_period is not None:
+            policy = {"grace_period": {"nanoseconds": int(max_grace_period * 1e9)}}
+        for task in agent.tasks.values():
+            if not mj.is_terminal(task.state):
+                task.kill_requested = True
+                self.send_agent(agent, protocol.KillTask(framework_id=task.framework_id,
+                                                         task_id=task.id, kill_policy=policy))
+        log.info("Agent {aid} draining", aid=agent.id)
+        self._check_drained(agent)
+
+    def _check_drained(self, agent: Agent) -> None:
+        if agent.drain_state != "DRAINING":
+            return
+        if any(not mj.is_terminal(t.state) for t in agent.tasks.values()):
+            return
+        agent.drain_state = "DRAINED"
+        log.info("Agent {aid} drained", aid=agent.id)
+        if agent.drain_config and agent.drain_config.get("mark_gone"):
+            self.mark_gone(agent)
+
+    def mark_gone(self, agent: Agent) -> None:
+        """The agent is gone for good: shut it down and refuse it if it comes back."""
+        self.registrar.mark(agent.id, "gone", agent.info)
+        link = agent.link
+        if link is not None:
+            self.send_agent(agent, protocol.ShutdownAgent(
+                message=f"Agent {agent.id} was marked gone by an operator"))
+        self.mark_unreachable(agent, state="TASK_GONE_BY_OPERATOR",
+                              reason="REASON_AGENT_REMOVED_BY_OPERATOR")
+        if link is not None:
+            self.reactor.callLater(0, link.close)
+
     def _ping_agents(self) -> None:
         for agent in list(self.agents.values()):
             if not agent.connected:
@@ -899,8 +964,12 @@ class Master:
             agent.pong_pending = True
             self.send_agent(agent, protocol.Ping())
 
-    def mark_unreachable(self, agent: Agent) -> None:
-        """The agent is gone from view: its offers go, its tasks become LOST/UNREACHABLE."""
+    def mark_unreachable(self, agent: Agent, state: str | None = None,
+                         reason: str = "REASON_AGENT_UNREACHABLE") -> None:
+        """The agent is gone from view: its offers go, its tasks become LOST/UNREACHABLE.
+
+        With `state` (e.g. TASK_GONE_BY_OPERATOR) every task ends in that state instead.
+        """
         if self.agents.get(agent.id) is not agent:
             return
         if agent.lost_call is not None and agent.lost_call.active():
@@ -912,8 +981,9 @@ class Master:
         for offer_id in list(agent.offers):
             self._remove_offer(offer_id, rescind=True)
         self.allocator.remove_agent(agent.id)
-        self._unreachable[agent.id] = self.now()
-        self.registrar.mark(agent.id, "unreachable", agent.info)
+        if state is None:
+            self._unreachable[agent.id] = self.now()
+            self.registrar.mark(agent.id, "unreachable", agent.info)
         self.metrics["slave_removals"] += 1
         now = self.now()
         for task in agent.tasks.values():
@@ -921,20 +991,23 @@ class Master:
             if fw is None or mj.is_terminal(task.state):
                 continue
             fw.tasks.pop(task.id, None)
-            state = "TASK_UNREACHABLE" if fw.partition_aware else "TASK_LOST"
-            task.state = state
-            self.metrics["tasks_unreachable" if fw.partition_aware else "tasks_lost"] += 1
-            if fw.partition_aware:
+            unreachable = state is None and fw.partition_aware
+            task_state = state or ("TASK_UNREACHABLE" if unreachable else "TASK_LOST")
+            task.state = task_state
+            key = "tasks_" + task_state[len("TASK_"):].lower()
+            self.metrics[key] = self.metrics.get(key, 0) + 1
+            if unreachable:
                 fw.unreachable_tasks[task.id] = task
             else:
                 fw.completed_tasks.append(task)
             self.send(fw, mj.event("UPDATE", {"status": mj.task_status(
-                task.id, state, source="SOURCE_MASTER", timestamp=now, agent_id=agent.id,
-                reason="REASON_AGENT_UNREACHABLE", message="Agent is unreachable",
+                task.id, task_state, source="SOURCE_MASTER", timestamp=now, agent_id=agent.id,
+                reason=reason, message="Agent is unreachable" if state is None else
+                "Agent was removed by an operator",
                 unreachable_time={"nanoseconds": int(now * 1e9)})}))
             self.publish(mj.event("TASK_UPDATED", {
                 "task_id": mj.ident(task.id), "framework_id": mj.ident(fw.id),
-                "state": state}))
+                "state": task_state}))
         for fw in self.frameworks.values():
             self.send(fw, mj.event("FAILURE", {"agent_id": mj.ident(agent.id)}))
         self.publish(mj.event("AGENT_REMOVED", {"agent_id": mj.ident(agent.id)}))
@@ -968,6 +1041,7 @@ class Master:
                 task.resources_recovered = True
                 self.allocator.recover(msg.framework_id, agent.id, task.resources)
                 self.trigger_allocation()
+                self._check_drained(agent)
         if fw is not None:
             self.send(fw, mj.event("UPDATE", {"status": status}))
             if task is not None and mj.is_terminal(state) and "uuid" not in status:
@@ -1019,6 +1093,9 @@ class Master:
                            "port": agent.port, "resources": agent.total.to_json(),
                            "attributes": agent.attributes},
             "active": agent.connected and agent.active, "pid": agent.pid,
+            "deactivated": not agent.active,
+            **({"drain_info": {"state": agent.drain_state, "config": agent.drain_config}}
+               if agent.drain_state else {}),
             "registered_time": {"nanoseconds": int(agent.registered_time * 1e9)},
             "total_resources": agent.total.to_json(),
         }

@@ -90,7 +90,9 @@ class Agent:
     registered_time: float
     link: object | None = None  # agora.link.Link while connected
     connected: bool = False
-    active: bool = True
+    active: bool = True  # False once an operator deactivates or drains it
+    drain_state: str | None = None  # None, "DRAINING" or "DRAINED"
+    drain_config: dict | None = None  # {"max_grace_period": secs | None, "mark_gone": bool}
     reregistered_time: float | None = None
     tasks: dict = attrs.field(factory=dict)  # (framework id, task id) -> Task
     executors: dict = attrs.field(factory=dict)  # framework id -> {executor id -> Executor}

@@ -317,3 +317,31 @@ def test_local_stops_cleanly(tmp_path, sig):
     assert c.stop(sig) == 0
     wait_for(lambda: not processes_with(name), what="no task process left")
     wait_for(lambda: not processes_with(c.work_dir), what="no agora process left")
+
+
+def test_drain_agent_through_operator_api(tmp_path):
+    """DRAIN_AGENT kills the agent's tasks within the grace period and can mark it gone."""
+    master = MasterProcess(tmp_path)
+    agent = AgentProcess(tmp_path, master.address, args=["--resources", "cpus:2;mem:1024"])
+    name = unique("drained")
+    sched = Recorder([(name, "sleep 300")])
+    driver = start_driver(sched, master.address, name="drain")
+    try:
+        wait_for(lambda: sched.last_state(name) == "TASK_RUNNING", what="TASK_RUNNING")
+        agent_id = master.state()["slaves"][0]["id"]
+        api = master.url + "/api/v1"
+        status, body = post_json(api, {"type": "DRAIN_AGENT", "drain_agent": {
+            "agent_id": {"value": "no-such-agent"}}})
+        assert status == 404 and b"no-such-agent" in body
+        status, _ = post_json(api, {"type": "DRAIN_AGENT", "drain_agent": {
+            "agent_id": {"value": agent_id}, "max_grace_period": {"nanoseconds": 10**9},
+            "mark_gone": True}})
+        assert status == 200
+        wait_for(lambda: sched.last_state(name) == "TASK_KILLED", what="TASK_KILLED")
+        wait_for(lambda: not master.state()["slaves"], what="the agent to be gone")
+        wait_for(lambda: not processes_with(name), what="the task's processes to end")
+    finally:
+        driver.stop()
+        driver.join()
+        agent.stop()
+        master.stop()

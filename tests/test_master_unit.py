@@ -221,3 +221,36 @@ def test_offer_timeout_rescinds(clock):
     clock.advance(1)
     assert len(stream.of("OFFERS")) == 2
     m.stop()
+
+
+def test_drain_kills_tasks_then_drained_and_gone(master, clock):
+    """DRAIN_AGENT stops offers, kills tasks with the grace period, then marks the agent gone."""
+    link, agent_id = add_agent(master, clock)
+    stream, fw = subscribe(master, clock)
+    launch(master, fw, stream.of("OFFERS")[0]["offers"][0], "t1")
+    agent = master.agents[agent_id]
+    master.drain_agent(agent, 2.0, mark_gone=True)
+    kill = link.of(protocol.KillTask)[0]
+    assert kill.task_id == "t1" and kill.kill_policy == {"grace_period": {"nanoseconds": 2000000000}}
+    assert agent.drain_state == "DRAINING" and not agent.active
+    offers_before = len(stream.of("OFFERS"))
+    clock.advance(10)
+    assert len(stream.of("OFFERS")) == offers_before  # a draining agent is not offered
+    master.on_agent_message(link, protocol.StatusUpdate(fw.id, mj.task_status(
+        "t1", "TASK_KILLED", source="SOURCE_EXECUTOR", timestamp=1.0, uuid=mj.new_uuid())))
+    assert agent_id not in master.agents
+    assert link.of(protocol.ShutdownAgent)
+    clock.advance(0)  # the registry write
+    assert master.registrar.agents()[agent_id][0] == "gone"
+
+
+def test_deactivate_and_reactivate_agent(master, clock):
+    """A deactivated agent gets no offers until it is reactivated."""
+    _, agent_id = add_agent(master, clock)
+    master.deactivate_agent(master.agents[agent_id])
+    stream, fw = subscribe(master, clock)
+    clock.advance(2)
+    assert not stream.of("OFFERS")
+    master.reactivate_agent(master.agents[agent_id])
+    clock.advance(0)
+    assert stream.of("OFFERS")

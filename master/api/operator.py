@@ -7,9 +7,9 @@ import time
 from agora import mesos_json as mj
 from agora import recordio
 from agora.resources import Resources
-from agora.http import HTTPError, StreamingResponse, json_response
+from agora.http import HTTPError, Response, StreamingResponse, json_response
 from master.api import views
-from master.master import Master
+from master.master import CallError, Master
 
 
 class OperatorAPI:
@@ -25,8 +25,15 @@ class OperatorAPI:
         kind = call["type"]
         if kind == "SUBSCRIBE":
             return StreamingResponse(start=self._subscribe)
-        build = getattr(self, "_" + kind.lower(), None)
-        if build is None or kind.startswith("_"):
+        action = _ACTIONS.get(kind)
+        if action is not None:
+            try:
+                action(self.master, call.get(kind.lower()) or {})
+            except CallError as e:
+                raise HTTPError(e.status, e.message) from None
+            return Response(status=200)
+        build = getattr(self, "_" + kind.lower(), None) if kind.startswith("GET_") else None
+        if build is None:
             raise HTTPError(400, f"Unsupported operator call '{kind}'")
         return json_response({"type": kind, kind.lower(): build()})
 
@@ -75,6 +82,30 @@ class OperatorAPI:
     def _get_metrics(self):
         return {"metrics": [{"name": k, "value": v}
                             for k, v in metrics_snapshot(self.master).items()]}
+
+
+def _agent(master: Master, body: dict):
+    return master.agent_for_operator(mj.id_of(body, "agent_id", required=False))
+
+
+def _drain(master: Master, body: dict) -> None:
+    grace = body.get("max_grace_period")
+    seconds = None
+    if grace is not None:
+        if not isinstance(grace, dict) or not isinstance(grace.get("nanoseconds"), int) \
+                or grace["nanoseconds"] < 0:
+            raise CallError(400, "'max_grace_period' must be {\"nanoseconds\": N} with N >= 0")
+        seconds = grace["nanoseconds"] / 1e9
+    master.drain_agent(_agent(master, body), seconds, bool(body.get("mark_gone", False)))
+
+
+# Operator calls that change the cluster; they answer 200 with an empty body, as Mesos does.
+_ACTIONS = {
+    "DRAIN_AGENT": _drain,
+    "DEACTIVATE_AGENT": lambda m, body: m.deactivate_agent(_agent(m, body)),
+    "REACTIVATE_AGENT": lambda m, body: m.reactivate_agent(_agent(m, body)),
+    "MARK_AGENT_GONE": lambda m, body: m.mark_gone(_agent(m, body)),
+}
 
 
 def metrics_snapshot(master: Master) -> dict:
