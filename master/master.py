@@ -480,31 +480,35 @@ class Master:
             raise mj.InvalidMessage(f"Invalid task resources: {e}") from None
         if not resources:
             raise mj.InvalidMessage("Task uses no resources")
-        executor = task.get("executor") if group_executor is None else group_executor
         if group_executor is None and (("command" in task) == ("executor" in task)):
             raise mj.InvalidMessage("Task must have exactly one of 'command' or 'executor'")
-        new_executor = None
-        needed = resources
-        if executor is not None:
-            eid = mj.id_of(executor, "executor_id")
-            known = agent.executors.get(fw.id, {}).get(eid)
-            if known is not None:
-                if _executor_key(known.info) != _executor_key(executor):
-                    raise mj.InvalidMessage(f"ExecutorInfo for {eid} differs from the one "
-                                            "already running on this agent")
-            else:
-                try:
-                    ex_res = Resources.from_json(executor.get("resources") or [])
-                except ValueError as e:
-                    raise mj.InvalidMessage(f"Invalid executor resources: {e}") from None
-                new_executor = Executor(id=eid, framework_id=fw.id,
-                                        info=dict(executor, framework_id=mj.ident(fw.id)),
-                                        resources=ex_res)
-                needed = needed + ex_res
+        needed, new_executor = resources, None
+        if group_executor is None and "executor" in task:  # a group's executor is charged once
+            new_executor = self._new_executor(fw, agent, task["executor"])
+            if new_executor is not None:
+                needed = needed + new_executor.resources
         if not available.contains(needed):
             raise mj.InvalidMessage(f"Task uses more resources {needed} than available "
                                     f"{available}")
         return needed, resources, new_executor
+
+    def _new_executor(self, fw: Framework, agent: Agent, info: dict) -> Executor | None:
+        """An Executor record for `info` if it does not run on the agent yet (not registered)."""
+        if not isinstance(info, dict):
+            raise mj.InvalidMessage("ExecutorInfo must be an object")
+        eid = mj.id_of(info, "executor_id")
+        known = agent.executors.get(fw.id, {}).get(eid)
+        if known is not None:
+            if _executor_key(known.info) != _executor_key(info):
+                raise mj.InvalidMessage(f"ExecutorInfo for {eid} differs from the one already "
+                                        "running on this agent")
+            return None
+        try:
+            resources = Resources.from_json(info.get("resources") or [])
+        except ValueError as e:
+            raise mj.InvalidMessage(f"Invalid executor resources: {e}") from None
+        return Executor(id=eid, framework_id=fw.id,
+                        info=dict(info, framework_id=mj.ident(fw.id)), resources=resources)
 
     def _launch(self, fw, agent, task, group_executor, available, seen) -> Resources:
         try:
@@ -536,33 +540,34 @@ class Master:
         return available - needed
 
     def _launch_group(self, fw, agent, body: dict, available, seen) -> Resources:
+        """Launch a task group all or nothing; its executor is charged once, if new."""
         executor = body.get("executor")
         tasks = (body.get("task_group") or {}).get("tasks") or []
-        error = None
-        if not isinstance(executor, dict) or mj.id_of(executor, "executor_id", False) is None:
-            error = "LAUNCH_GROUP needs an 'executor' with an 'executor_id'"
-        elif executor.get("type", "DEFAULT") != "DEFAULT":
-            error = "LAUNCH_GROUP's executor must be of type DEFAULT"
-        elif not tasks:
-            error = "LAUNCH_GROUP's task group is empty"
-        else:
+        error, new_executor = None, None
+        try:
+            if not isinstance(executor, dict) or not mj.id_of(executor, "executor_id", False):
+                raise mj.InvalidMessage("LAUNCH_GROUP needs an 'executor' with an "
+                                        "'executor_id'")
+            if executor.get("type", "DEFAULT") != "DEFAULT":
+                raise mj.InvalidMessage("LAUNCH_GROUP's executor must be of type DEFAULT")
+            if not tasks:
+                raise mj.InvalidMessage("LAUNCH_GROUP's task group is empty")
             trial, trial_seen = available, set(seen)
-            try:
-                for task in tasks:
-                    if isinstance(task, dict) and "executor" in task:
-                        raise mj.InvalidMessage("Tasks in a group must not name an executor")
-                    needed, _, new_ex = self._validate_task(fw, agent, task, trial_seen,
-                                                            trial, executor)
-                    trial_seen.add(mj.id_of(task, "task_id"))
-                    trial = trial - needed
-                    if new_ex is not None:  # the group's executor is paid for once
-                        agent.executors.setdefault(fw.id, {})[new_ex.id] = new_ex
-            except mj.InvalidMessage as e:
-                error = str(e)
-                ex_id = mj.id_of(executor, "executor_id", False)
-                ex = agent.executors.get(fw.id, {}).get(ex_id)
-                if ex is not None and not any(t.executor_id == ex_id for t in fw.tasks.values()):
-                    agent.executors[fw.id].pop(ex_id, None)
+            new_executor = self._new_executor(fw, agent, executor)
+            if new_executor is not None:
+                if not trial.contains(new_executor.resources):
+                    raise mj.InvalidMessage(f"The executor uses more resources "
+                                            f"{new_executor.resources} than available {trial}")
+                trial = trial - new_executor.resources
+            for task in tasks:
+                if isinstance(task, dict) and "executor" in task:
+                    raise mj.InvalidMessage("Tasks in a group must not name an executor")
+                needed, _, _ = self._validate_task(fw, agent, task, trial_seen, trial,
+                                                   executor)
+                trial_seen.add(mj.id_of(task, "task_id"))
+                trial = trial - needed
+        except mj.InvalidMessage as e:
+            error = str(e)
         if error is not None:
             for task in tasks:
                 tid = mj.id_of(task, "task_id", False) if isinstance(task, dict) else None
@@ -570,6 +575,9 @@ class Master:
                 self._send_master_update(fw, tid or "?", "TASK_ERROR", "REASON_TASK_GROUP_INVALID",
                                          error, agent_id=agent.id)
             return available
+        if new_executor is not None:
+            agent.executors.setdefault(fw.id, {})[new_executor.id] = new_executor
+            available = available - new_executor.resources
         for task in tasks:
             available = self._launch(fw, agent, task, executor, available, seen)
         ex_info = agent.executors[fw.id][mj.id_of(executor, "executor_id")].info
@@ -1000,14 +1008,16 @@ class Master:
                 fw.unreachable_tasks[task.id] = task
             else:
                 fw.completed_tasks.append(task)
-            self.send(fw, mj.event("UPDATE", {"status": mj.task_status(
+            status = mj.task_status(
                 task.id, task_state, source="SOURCE_MASTER", timestamp=now, agent_id=agent.id,
                 reason=reason, message="Agent is unreachable" if state is None else
                 "Agent was removed by an operator",
-                unreachable_time={"nanoseconds": int(now * 1e9)})}))
+                unreachable_time={"nanoseconds": int(now * 1e9)})
+            task.status = status
+            self.send(fw, mj.event("UPDATE", {"status": status}))
             self.publish(mj.event("TASK_UPDATED", {
                 "task_id": mj.ident(task.id), "framework_id": mj.ident(fw.id),
-                "state": task_state}))
+                "state": task_state, "status": status}))
         for fw in self.frameworks.values():
             self.send(fw, mj.event("FAILURE", {"agent_id": mj.ident(agent.id)}))
         self.publish(mj.event("AGENT_REMOVED", {"agent_id": mj.ident(agent.id)}))
