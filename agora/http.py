@@ -162,12 +162,22 @@ class Stream:
     client goes away. ``on_close`` callbacks run once in any of these cases.
     """
 
+    # A client that stops reading may leave at most this much queued before it is dropped,
+    # so one stuck subscriber cannot grow the server's memory without bound.
+    max_backlog = 64 * 1024 * 1024
+
     def __init__(self, channel: HTTPChannel, peer: tuple[str, int], chunked: bool) -> None:
         self.peer = peer
         self._channel = channel
         self._transport = channel.transport
         self._chunked = chunked
         self._closed = False
+        self._paused = False
+        self._backlog = 0  # bytes written since the transport asked us to pause
+        try:  # the transport tells a push producer when its buffer is full and drained
+            self._transport.registerProducer(self, True)
+        except (AttributeError, RuntimeError):
+            pass
         self._callbacks: list[Callable[[], None]] = []
         # Until the status line and headers go out, writes collect here so that the first
         # write on the wire carries headers and first chunks together (spec §5.2).
@@ -187,8 +197,25 @@ class Stream:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         if self._pending is not None:
             self._pending.append(data)
-        else:
-            self._transport.write(data)
+            return
+        if self._paused:
+            self._backlog += len(data)
+            if self._backlog > self.max_backlog:
+                log.warn("Dropping stream to {peer}: it stopped reading ({n} bytes queued)",
+                         peer=self.peer, n=self._backlog)
+                self.abort()
+                return
+        self._transport.write(data)
+
+    # IPushProducer: called by the transport.
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused, self._backlog = False, 0
+
+    def stopProducing(self) -> None:
+        self._paused = True
 
     def close(self) -> None:
         """End the body properly and close the connection."""

@@ -854,3 +854,29 @@ def test_client_disconnect_fires_stream_on_close(server):
     wait_for(lambda: stream in server.closed_streams, "on_close after the client disconnected")
     assert stream.closed
     blockingCallFromThread(server.reactor, stream.write, b"ignored")
+
+
+def test_stream_to_a_client_that_stops_reading_is_dropped():
+    """A stream whose client stops reading is aborted once its backlog passes the cap."""
+    from twisted.internet.testing import StringTransport
+
+    router = Router()
+    streams = []
+    router.add("/s", lambda request: StreamingResponse(start=streams.append))
+    channel = HTTPFactory(router).buildProtocol(("127.0.0.1", 1))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+    stream = streams[0]
+    stream.max_backlog = 1000
+    closed = []
+    stream.on_close(lambda: closed.append(True))
+    transport.producer.pauseProducing()  # what a full socket buffer does
+    stream.write(b"x" * 600)
+    assert not stream.closed
+    transport.producer.resumeProducing()
+    stream.write(b"x" * 600)  # the backlog restarts after a resume
+    transport.producer.pauseProducing()
+    stream.write(b"x" * 600)
+    stream.write(b"x" * 600)
+    assert stream.closed and closed == [True]
