@@ -1,6 +1,7 @@
 """Running daemons under the reactor: start, print where they are, stop cleanly."""
 
 import gc
+import logging
 import os
 import resource
 import sys
@@ -15,6 +16,9 @@ def setup_logging(level: str | None = None) -> None:
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    # Modules that run in threads (the fetcher) log through the standard library.
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="%(asctime)s [%(name)s#%(levelname)s] %(message)s")
 
 
 def prepare_process() -> None:
