@@ -270,23 +270,14 @@ class _FileSender:
         self._remaining = size
         self._chunk = chunk
         self._stream: Stream | None = None
-        self._consumer = None
         self._done = False
 
     def start(self, stream: Stream) -> None:
         self._stream = stream
         stream.on_close(self._release)
-        # A file is best sent pulled: the transport (an IConsumer) asks for the next chunk
-        # only once the last one is written out, which bounds memory for any file size and
-        # any reader. agora.http.Stream offers writers no such hook (it registers itself as
-        # the transport's push producer, to count the backlog of writers that push), so the
-        # sender takes the transport's producer slot for the length of the download.
-        # SEAM: when Stream grows a pull API, use it here and drop these private touches.
-        consumer = stream._transport
-        if getattr(consumer, "producer", None) is not None:
-            consumer.unregisterProducer()
-        self._consumer = consumer
-        consumer.registerProducer(self, False)  # asks for the first chunk right away
+        # A file is best sent pulled: the transport asks for the next chunk only once the
+        # last one is written out, which bounds memory for any file size and any reader.
+        stream.pull_from(self)  # asks for the first chunk right away
 
     # IPullProducer
     def resumeProducing(self) -> None:
@@ -317,10 +308,8 @@ class _FileSender:
         pass  # a pull producer is only ever asked for more
 
     def _finish(self) -> None:
-        consumer, self._consumer = self._consumer, None
         self._release()
-        if consumer is not None:
-            consumer.unregisterProducer()  # before closing: a registered producer holds it open
+        self._stream.stop_pulling()  # before closing: a registered producer holds it open
         self._stream.close()
 
     def _release(self) -> None:

@@ -207,6 +207,21 @@ class Stream:
                 return
         self._transport.write(data)
 
+    def pull_from(self, producer) -> None:
+        """Let an IPullProducer feed this stream at the client's pace (e.g. a file).
+
+        The transport asks `producer.resumeProducing()` for more each time its buffer drains;
+        the producer writes with `write()` and calls `stop_pulling()` when it is done.
+        """
+        if self._transport.producer is not None:
+            self._transport.unregisterProducer()
+        self._transport.registerProducer(producer, False)
+
+    def stop_pulling(self) -> None:
+        """End `pull_from`: a registered producer would hold the connection open."""
+        if self._transport.producer is not None:
+            self._transport.unregisterProducer()
+
     # IPushProducer: called by the transport.
     def pauseProducing(self) -> None:
         self._paused = True

@@ -284,7 +284,7 @@ def test_download_large_file_is_a_stream(box):
 
 
 class FakeStream:
-    """Just enough of agora.http.Stream for a sender: a transport, writes, close and abort."""
+    """Just enough of agora.http.Stream for a sender: writes, close, abort and pulling."""
 
     def __init__(self):
         from twisted.internet.testing import StringTransport
@@ -309,6 +309,14 @@ class FakeStream:
 
     def on_close(self, callback):
         self.callbacks.append(callback)
+
+    def pull_from(self, producer):
+        self._transport.unregisterProducer()
+        self._transport.registerProducer(producer, False)
+
+    def stop_pulling(self):
+        if self._transport.producer is not None:
+            self._transport.unregisterProducer()
 
 
 def test_file_sender_sends_when_pulled_and_cuts_a_shrunk_file(tmp_path):
