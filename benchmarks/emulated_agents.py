@@ -1,17 +1,26 @@
 #!/usr/bin/env python3
 """Many emulated agents in one process, speaking the real master-agent protocol.
 
-Each emulated agent opens its own TCP connection to the master, registers with the given
-resources, answers pings, and answers RunTask with TASK_RUNNING (then TASK_FINISHED after
-`--finish-after` seconds, if given) and KillTask with TASK_KILLED. No process is started:
-this measures the master, not the containerizer.
+Each emulated agent keeps its own TCP connection to the master through the real agent's
+`agent.master_link.MasterLink` (challenge, registration, Ping/Pong, reconnect with backoff,
+re-registration with the tasks it runs). It answers RunTask / RunTaskGroup with
+TASK_RUNNING (then TASK_FINISHED after `finish_after` seconds, if given), KillTask and
+ShutdownExecutor with TASK_KILLED, and a kill of a task it does not know with TASK_LOST, as
+the real agent does. No process is started: this measures the master, not the
+containerizer. Status updates are sent once (the real agent retries them until
+acknowledged); after a reconnect the re-registration carries every task's latest state.
 
-    python benchmarks/emulated_agents.py --master 127.0.0.1:5050 --agents 1000
+    python benchmarks/emulated_agents.py --master 127.0.0.1:5050 --agents 1000 [--duration 60]
 
-As a library: `EmulatedAgents(reactor, ("127.0.0.1", 5050), 1000).start()`.
+As a library (in the reactor thread):
+
+    pool = EmulatedAgents(reactor, ("127.0.0.1", 5050), 1000, finish_after=5.0)
+    pool.start().addCallback(...)   # fires once every agent is registered
+    pool.running(), pool.launched, pool.acks, pool.registered_with(master_id)
 """
 
 import argparse
+import collections
 import os
 import resource
 import sys
@@ -19,32 +28,53 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twisted.internet import defer, protocol as tprotocol  # noqa: E402
+from twisted.internet import defer  # noqa: E402
 
+from agent.master_link import Backoff, MasterLink  # noqa: E402
 from agora import mesos_json as mj  # noqa: E402
 from agora import protocol  # noqa: E402
-from agora.link import Link  # noqa: E402
 from agora.resources import Resources  # noqa: E402
 
+DEFAULT_RESOURCES = "cpus:24;mem:4096;disk:100000;ports:[31000-32000]"
 
-def raise_fd_limit() -> int:
-    """Lift the soft open-files limit to the hard one; returns the new soft limit."""
+#: File descriptors a process needs besides one per agent connection.
+FD_HEADROOM = 256
+
+
+def raise_fd_limit(needed: int = 0) -> int:
+    """Lift the soft open-files limit to the hard one; returns the new soft limit.
+
+    Raises OSError with a remedy when even the hard limit is below `needed`. Children
+    started afterwards (e.g. a master) inherit the raised limit.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if needed and soft < needed:
+        raise OSError(f"{needed} file descriptors are needed but the hard limit is {soft}; "
+                      f"raise it (e.g. `ulimit -Hn {needed}` as root, or LimitNOFILE=)")
+    return soft
 
 
 class EmulatedAgent:
-    """One agent: a link, an id once registered, and the tasks it pretends to run."""
+    """One agent: a master link, an id once registered, and the tasks it pretends to run."""
 
     def __init__(self, pool: "EmulatedAgents", index: int):
         self.pool = pool
         self.index = index
         self.agent_id = None
-        self.link = None
-        self.tasks: dict[tuple[str, str], str] = {}  # (framework id, task id) -> state
-        self.registered = defer.Deferred()
+        self.master_id = None
+        self.registrations = 0
+        # (framework id, task id) -> [state, TaskInfo, executor id]; terminal tasks leave.
+        self.tasks: dict[tuple[str, str], list] = {}
+        self._finish_calls: dict[tuple[str, str], object] = {}
+        self.registered = defer.Deferred()  # fires on the first registration
+        self.link = MasterLink(
+            pool.reactor, pool.master[0], pool.master[1], registration=self._registration,
+            on_registered=self._on_registered, on_message=self._on_message,
+            on_refused=self._on_refused, backoff=Backoff(initial=pool.reconnect_initial),
+            registration_timeout=pool.registration_timeout)
 
     def info(self) -> dict:
         return {"hostname": f"emulated-{self.index}", "ip": "127.0.0.1",
@@ -52,130 +82,277 @@ class EmulatedAgent:
                 "attributes": [{"name": "index", "type": "TEXT",
                                 "text": {"value": str(self.index)}}]}
 
-    def connected(self, link: Link) -> None:
-        self.link = link
-        link.on_message = self.on_message
+    # --- registration ------------------------------------------------------------------
 
-    def on_message(self, msg) -> None:
+    def _registration(self, challenge: protocol.Challenge):
+        proof = protocol.proof(self.pool.secret, challenge.nonce) if self.pool.secret else b""
+        if self.agent_id is None:
+            return protocol.RegisterAgent(info=self.info(), version=mj.MESOS_VERSION,
+                                          proof=proof)
+        tasks, fids = [], set()
+        for (fid, tid), (state, task, eid) in self.tasks.items():
+            fids.add(fid)
+            tasks.append({"task_id": mj.ident(tid), "framework_id": mj.ident(fid),
+                          "executor_id": mj.ident(eid), "agent_id": mj.ident(self.agent_id),
+                          "name": task.get("name", ""), "state": state,
+                          "resources": task.get("resources") or [], "info": task})
+        frameworks = [self.pool.frameworks[f] for f in fids if f in self.pool.frameworks]
+        return protocol.ReregisterAgent(agent_id=self.agent_id, info=self.info(),
+                                        version=mj.MESOS_VERSION, tasks=tasks,
+                                        frameworks=frameworks, proof=proof)
+
+    def _on_registered(self, msg: protocol.AgentRegistered) -> None:
+        self.registrations += 1
+        self.agent_id = msg.agent_id
+        self.pool._moved(self.master_id, msg.master_id)
+        self.master_id = msg.master_id
+        if not self.registered.called:
+            self.registered.callback(self)
+
+    def _on_refused(self, message: str) -> None:
+        print(f"agent {self.index} refused: {message}", file=sys.stderr)
+        if not self.registered.called:
+            self.registered.errback(RuntimeError(f"agent {self.index} refused: {message}"))
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    def _on_message(self, msg) -> None:
         kind = type(msg)
         if kind is protocol.RunTask:
-            self._run(msg.framework, msg.task)
+            self._framework(msg.framework)
+            self._run(msg.framework, msg.task, None)
         elif kind is protocol.StatusUpdateAck:
             self.pool.acks += 1
-        elif kind is protocol.Ping:
-            self.link.send(protocol.Pong(seq=msg.seq))
-        elif kind is protocol.Challenge:
-            if self.agent_id is None:
-                self.link.send(protocol.RegisterAgent(info=self.info(), version="emulated"))
-            else:
-                self.link.send(protocol.ReregisterAgent(
-                    agent_id=self.agent_id, info=self.info(), version="emulated",
-                    tasks=[{"framework_id": mj.ident(f), "task_id": mj.ident(t), "state": s,
-                            "resources": self.pool.task_resources}
-                           for (f, t), s in self.tasks.items()]))
-        elif kind is protocol.AgentRegistered:
-            self.agent_id = msg.agent_id
-            if not self.registered.called:
-                self.registered.callback(self)
-        elif kind is protocol.KillTask:
-            self._update(msg.framework_id, msg.task_id, "TASK_KILLED")
+            if self.pool.on_ack is not None:
+                self.pool.on_ack(msg)
+        elif kind is protocol.KillTask or kind is protocol.ShutdownExecutor:
+            tid = msg.task_id if kind is protocol.KillTask else msg.executor_id
+            self._kill(msg.framework_id, tid)
         elif kind is protocol.RunTaskGroup:
-            for task in msg.task_group.get("tasks", []):
-                self._run(msg.framework, task)
-        elif kind is protocol.AgentRefused or kind is protocol.ShutdownAgent:
-            print(f"agent {self.index} refused: {msg.message}", file=sys.stderr)
+            self._framework(msg.framework)
+            eid = mj.id_of(msg.executor, "executor_id", required=False)
+            for task in (msg.task_group or {}).get("tasks", []):
+                self._run(msg.framework, task, eid)
+        elif kind is protocol.ShutdownFramework:
+            for key in [k for k in self.tasks if k[0] == msg.framework_id]:
+                self._forget(key)
+        elif kind is protocol.UpdateFramework:
+            self._framework(msg.framework)
 
-    def _run(self, framework: dict, task: dict) -> None:
+    def _framework(self, info: dict) -> None:
+        fid = mj.id_of(info, "id", required=False)
+        if fid:
+            self.pool.frameworks[fid] = info
+
+    def _run(self, framework: dict, task: dict, executor_id) -> None:
         fid, tid = framework["id"]["value"], task["task_id"]["value"]
-        self.pool.launched += 1
-        self._update(fid, tid, "TASK_RUNNING")
-        if self.pool.finish_after is not None:
-            self.pool.reactor.callLater(self.pool.finish_after, self._update, fid, tid,
-                                        "TASK_FINISHED")
-
-    def _update(self, fid: str, tid: str, state: str) -> None:
-        if self.tasks.get((fid, tid)) in mj.TERMINAL_STATES:
+        key = (fid, tid)
+        if key in self.tasks:
             return
-        self.tasks[(fid, tid)] = state
-        if mj.is_terminal(state):
-            del self.tasks[(fid, tid)]
-        self.link.send(protocol.StatusUpdate(framework_id=fid, status=mj.task_status(
-            tid, state, source="SOURCE_EXECUTOR", timestamp=time.time(),
-            agent_id=self.agent_id, executor_id=tid, uuid=mj.new_uuid())))
+        pool = self.pool
+        pool.launched += 1
+        self.tasks[key] = ["TASK_STAGING", task, executor_id or tid]
+        self._update(key, "TASK_RUNNING")
+        if pool.finish_after is not None:
+            self._finish_calls[key] = pool.reactor.callLater(pool.finish_after, self._finish,
+                                                             key)
 
+    def _finish(self, key) -> None:
+        self._finish_calls.pop(key, None)
+        if key in self.tasks:
+            self._update(key, "TASK_FINISHED")
 
-class _Factory(tprotocol.ClientFactory):
-    def __init__(self, agent: EmulatedAgent):
-        self.agent = agent
+    def _kill(self, fid: str, tid: str) -> None:
+        if (fid, tid) in self.tasks:
+            self._update((fid, tid), "TASK_KILLED")
+            return
+        # What the real agent says of a task it has no record of (agent/agent.py _kill_task).
+        info = self.pool.frameworks.get(fid, {})
+        aware = any(c.get("type") == "PARTITION_AWARE" for c in info.get("capabilities", []))
+        self._send(fid, mj.task_status(
+            tid, "TASK_DROPPED" if aware else "TASK_LOST", source="SOURCE_AGENT",
+            timestamp=time.time(), agent_id=self.agent_id, reason="REASON_TASK_UNKNOWN",
+            message="The agent does not know this task", uuid=mj.new_uuid()))
 
-    def buildProtocol(self, addr):
-        link = Link(self.agent.pool.reactor, send_prefix=True)
-        self.agent.connected(link)
-        return link
+    def _update(self, key, state: str) -> None:
+        record = self.tasks[key]
+        previous, record[0] = record[0], state
+        pool = self.pool
+        if previous == "TASK_RUNNING":
+            pool._running -= 1
+        if state == "TASK_RUNNING":
+            pool._running += 1
+        elif state in mj.TERMINAL_STATES:
+            self._forget(key)
+        fid, tid = key
+        self._send(fid, mj.task_status(tid, state, source="SOURCE_EXECUTOR",
+                                       timestamp=time.time(), agent_id=self.agent_id,
+                                       executor_id=record[2], uuid=mj.new_uuid()))
 
-    def clientConnectionFailed(self, connector, reason):
-        if not self.agent.registered.called:
-            self.agent.registered.errback(reason)
+    def _forget(self, key) -> None:
+        record = self.tasks.pop(key, None)
+        if record is not None and record[0] == "TASK_RUNNING":
+            self.pool._running -= 1
+        call = self._finish_calls.pop(key, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _send(self, fid: str, status: dict) -> None:
+        if self.link.send(protocol.StatusUpdate(framework_id=fid, status=status)):
+            self.pool.updates_sent += 1
+        else:
+            self.pool.updates_dropped += 1
+
+    def stop(self) -> defer.Deferred:
+        for call in self._finish_calls.values():
+            if call.active():
+                call.cancel()
+        self._finish_calls.clear()
+        return self.link.stop()
 
 
 class EmulatedAgents:
     """A pool of emulated agents connected to one master."""
 
     def __init__(self, reactor, master: tuple[str, int], count: int,
-                 resources: str = "cpus:24;mem:4096;disk:100000;ports:[31000-32000]",
-                 finish_after: float | None = None, task_resources: str = "cpus:0.1;mem:32"):
+                 resources: str = DEFAULT_RESOURCES, finish_after: float | None = None, *,
+                 secret: bytes | None = None, registration_timeout: float = 60.0,
+                 reconnect_initial: float = 0.1):
         self.reactor = reactor
         self.master = master
         self.resources_json = Resources.parse(resources).to_json()
-        self.task_resources = Resources.parse(task_resources).to_json()
         self.finish_after = finish_after
+        self.secret = secret
+        self.registration_timeout = registration_timeout
+        self.reconnect_initial = reconnect_initial
+        self.frameworks: dict[str, dict] = {}  # framework id -> FrameworkInfo, as last sent
+        self.launched = 0  # tasks received (RunTask or in a RunTaskGroup)
+        self.acks = 0  # StatusUpdateAcks received
+        self.updates_sent = 0
+        self.updates_dropped = 0  # while not registered
+        self.on_ack = None  # called with each StatusUpdateAck, if set
+        self._running = 0
+        self._by_master: collections.Counter = collections.Counter()
         self.agents = [EmulatedAgent(self, i) for i in range(count)]
-        self.launched = 0
-        self.acks = 0
 
-    def start(self, batch: int = 500) -> defer.Deferred:
-        """Connect every agent (in batches, not to overflow the accept queue)."""
-        raise_fd_limit()
+    def start(self, batch: int = 500, progress=None) -> defer.Deferred:
+        """Connect every agent, `batch` at a time; fires with the pool once all registered.
+
+        `progress(registered, total)` is called after each batch. Fails when the file
+        descriptor limit is too low or the master refuses an agent.
+        """
+        try:
+            raise_fd_limit(len(self.agents) + FD_HEADROOM)
+        except OSError as e:
+            return defer.fail(e)
 
         @defer.inlineCallbacks
         def connect_all():
             for i in range(0, len(self.agents), batch):
                 group = self.agents[i:i + batch]
                 for agent in group:
-                    self.reactor.connectTCP(self.master[0], self.master[1], _Factory(agent))
+                    agent.link.start()
                 yield defer.gatherResults([a.registered for a in group], consumeErrors=True)
+                if progress is not None:
+                    progress(i + len(group), len(self.agents))
             return self
 
-        return connect_all()
+        def unwrap(failure):
+            failure.trap(defer.FirstError)
+            return failure.value.subFailure
+
+        return connect_all().addErrback(unwrap)
+
+    def stop(self) -> defer.Deferred:
+        """Close every link (no reconnecting); fires once they are closed."""
+        return defer.DeferredList([a.stop() for a in self.agents])
 
     def running(self) -> int:
-        return sum(sum(1 for s in a.tasks.values() if s == "TASK_RUNNING") for a in self.agents)
+        """Tasks in TASK_RUNNING now."""
+        return self._running
+
+    def registered(self) -> int:
+        """Agents registered (at least once) so far."""
+        return sum(1 for a in self.agents if a.agent_id is not None)
+
+    def registered_with(self, master_id: str) -> int:
+        """Agents whose latest registration was with the master `master_id`."""
+        return self._by_master[master_id]
+
+    def masters(self) -> dict[str, int]:
+        """Master id -> how many agents it registered last."""
+        return {mid: n for mid, n in self._by_master.items() if n}
+
+    def tasks(self) -> int:
+        """Tasks the agents hold in a non-terminal state."""
+        return sum(len(a.tasks) for a in self.agents)
+
+    def _moved(self, old: str | None, new: str) -> None:
+        if old is not None:
+            self._by_master[old] -= 1
+        self._by_master[new] += 1
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--master", default="127.0.0.1:5050")
+    p.add_argument("--master", default="127.0.0.1:5050", metavar="HOST:PORT")
     p.add_argument("--agents", type=int, default=1000)
-    p.add_argument("--resources", default="cpus:24;mem:4096;disk:100000;ports:[31000-32000]")
-    p.add_argument("--finish-after", type=float, default=None, metavar="SECS")
+    p.add_argument("--resources", default=DEFAULT_RESOURCES)
+    p.add_argument("--finish-after", type=float, default=None, metavar="SECS",
+                   help="send TASK_FINISHED this long after TASK_RUNNING (default: never)")
+    p.add_argument("--batch", type=int, default=500, help="agents connecting at once")
+    p.add_argument("--duration", type=float, default=None, metavar="SECS",
+                   help="stop after this long once registered (default: until Ctrl-C)")
+    p.add_argument("--report-every", type=float, default=5.0, metavar="SECS")
+    p.add_argument("--secret-file", default=None)
     args = p.parse_args()
-    from twisted.internet import reactor
+    from twisted.internet import reactor, task
 
+    secret = None
+    if args.secret_file:
+        with open(args.secret_file, "rb") as f:
+            secret = f.read().strip()
     host, _, port = args.master.rpartition(":")
-    pool = EmulatedAgents(reactor, (host, int(port)), args.agents, args.resources,
-                          args.finish_after)
+    pool = EmulatedAgents(reactor, (host or "127.0.0.1", int(port)), args.agents,
+                          args.resources, args.finish_after, secret=secret)
     started = time.monotonic()
+    figures = {"agents": args.agents}
+    status = [0]
+
+    def line() -> str:
+        return (f"registered={pool.registered()} launched={pool.launched} "
+                f"running={pool.running()} acks={pool.acks} updates={pool.updates_sent} "
+                f"dropped={pool.updates_dropped}")
+
+    def progress(done, total):
+        print(f"registered {done}/{total} in {time.monotonic() - started:.2f}s", flush=True)
 
     def ready(_):
-        print(f"agents={args.agents} register_s={time.monotonic() - started:.3f}", flush=True)
+        figures["register_s"] = f"{time.monotonic() - started:.3f}"
+        print(f"all {args.agents} agents registered in {figures['register_s']}s", flush=True)
+        loop = task.LoopingCall(lambda: print(line(), flush=True))
+        loop.start(args.report_every, now=False)
+        if args.duration is not None:
+            reactor.callLater(args.duration, reactor.stop)
 
     def failed(f):
-        print(f"failed: {f.getErrorMessage()}", file=sys.stderr)
+        print(f"emulated agents failed: {f.getErrorMessage()}", file=sys.stderr)
+        status[0] = 1
         reactor.stop()
 
-    reactor.callWhenRunning(lambda: pool.start().addCallbacks(ready, failed))
+    def final():
+        print(" ".join(f"{k}={v}" for k, v in figures.items()) + " " + line() +
+              f" cpu_s={_cpu_seconds():.2f}", flush=True)
+
+    reactor.callWhenRunning(lambda: pool.start(args.batch, progress).addCallbacks(ready, failed))
+    reactor.addSystemEventTrigger("before", "shutdown", final)
     reactor.run()
-    return 0
+    return status[0]
 
 
 if __name__ == "__main__":
