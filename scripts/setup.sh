@@ -138,8 +138,8 @@ agora_pip_ensure() {
         exec {lock_fd}>&-
         return 0
     fi
-    local py="$AGORA_VENV/bin/python" wheel target="$AGORA_ROOT"
-    [[ "$profile" == test ]] && target="${AGORA_ROOT}[test]"
+    local py="$AGORA_VENV/bin/python" wheel target="${AGORA_ROOT}[clients]"
+    [[ "$profile" == test ]] && target="${AGORA_ROOT}[clients,test]"
 
     # pymesos depends on http-parser, which must come from our pure-Python wheel (see
     # scripts/build_http_parser.py); naming the wheel file in the same pip command makes
