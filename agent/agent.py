@@ -5,13 +5,19 @@
        └──StatusUpdate (reliable)──────┘
 
 The agent keeps the books (`agent.state`), launches executors through the posix launcher
-(`agent.containerizer.launcher`) in sandboxes (`agent.sandbox`), serves the executor API
-(`agent.executor_api`) and the read-only endpoints (`agent.endpoints`), and forwards status
-updates through `agent.status_updates`, retried until the master acknowledges them.
+(`agent.containerizer.launcher`) in sandboxes (`agent.sandbox`) after fetching their URIs
+(`agent.fetcher`, in a thread of its own), serves the executor API (`agent.executor_api`), the sandbox
+files (`agent.files`) and the read-only endpoints (`agent.endpoints`), forwards status updates
+through `agent.status_updates`, retried until the master acknowledges them and journaled for
+checkpointing frameworks (`agent.checkpoint`), and collects finished sandboxes (`agent.gc`).
 
-Seams for what comes later: checkpointing (write the books and update streams in
-`_take_update`/`_on_ack` and recover in `start`), the fetcher (between sandbox creation and
-launch in `_launch`), isolators and images (the launcher spec).
+Life of a launch: `_add_tasks` → `_launch`: user check, sandbox, files attached → fetch (a
+thread, only when there are URIs) → `_start_container`. An executor that is shut down while
+its URIs are fetched ends at once ("never started"); the fetch's result is then ignored.
+
+Seams for what comes later: full agent recovery (the books; the update journals are already
+read back on registration, `_recover_updates`), isolators and images (the launcher spec), a
+cgroups usage function (the `usage` argument).
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
+import time
 import uuid
 from collections import Counter, deque
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from agora import mesos_json as mj
 from agora import protocol
@@ -31,13 +42,17 @@ from agora.http import HTTPError, HTTPFactory, Router, Stream, listen
 from agora.recordio import encode_json
 
 import agent as _agent_package
-from agent import sandbox
+from agent import checkpoint, monitor, sandbox, users
+from agent import files as sandbox_files
+from agent import gc as sandbox_gc
 from agent import state as st
 from agent.containerizer.launcher import LaunchSpec, PosixLauncher, describe_status
 from agent.detect import detect_resources, parse_attributes
 from agent.endpoints import AgentEndpoints
 from agent.executor_api import ExecutorAPI, validate_status
-from agent.executors.command import command_argv, environment_variables
+from agent.executors.command import (
+    SWITCH_USER_VARIABLE, command_argv, environment_variables, task_user)
+from agent.fetcher import FetchError, Fetcher
 from agent.master_link import MasterLink
 from agent.status_updates import StatusUpdates
 
@@ -48,6 +63,8 @@ CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_agent_package.__fil
 BUILTIN_EXECUTOR_MODULE = "agent.executors.command"
 STOP_GRACE = 1.0  # on agent stop: SIGTERM, then SIGKILL after this long
 RECOVERY_TIMEOUT = "15mins"  # what checkpointing executors are told (Mesos's default)
+EXECUTOR_HEARTBEAT_INTERVAL = 30 * 60.0  # Mesos: DEFAULT_EXECUTOR_HEARTBEAT_INTERVAL
+FETCHER_CACHE_SIZE = 2 * 1024**3  # Mesos: --fetcher_cache_size=2GB
 
 
 class Agent:
@@ -58,7 +75,18 @@ class Agent:
                  resources: str | None = None, attributes: str | None = None,
                  secret: bytes | None = None, status_update_retry: float = 10.0,
                  executor_registration_timeout: float = 60.0,
-                 executor_shutdown_grace: float = 5.0, python: str = sys.executable):
+                 executor_shutdown_grace: float = 5.0, python: str = sys.executable,
+                 fetcher_cache_dir: str | None = None,
+                 fetcher_cache_size: int = FETCHER_CACHE_SIZE,
+                 gc_delay: float = sandbox_gc.DEFAULT_DELAY,
+                 gc_disk_headroom: float = sandbox_gc.DEFAULT_HEADROOM,
+                 disk_watch_interval: float = sandbox_gc.DEFAULT_INTERVAL,
+                 disk_usage=None, switch_user: bool = True,
+                 executor_heartbeat_interval: float = EXECUTOR_HEARTBEAT_INTERVAL,
+                 usage: monitor.UsageFunction | None = None):
+        """`disk_usage()` (the used fraction of the work dir's disk, for the sandbox
+        collector) and `usage(containers)` (see `agent.monitor`) replace the host-reading
+        defaults, for tests and for containerizers that measure better."""
         self.reactor = reactor
         self.master_address = (master[0], int(master[1]))
         self.work_dir = os.path.abspath(work_dir)
@@ -76,6 +104,20 @@ class Agent:
         self.executor_registration_timeout = executor_registration_timeout
         self.executor_shutdown_grace = executor_shutdown_grace
         self.python = python
+        self.fetcher_cache_dir = os.path.abspath(fetcher_cache_dir or
+                                                 os.path.join(self.work_dir, "fetch"))
+        self.fetcher_cache_size = int(fetcher_cache_size)
+        self.fetcher: Fetcher | None = None  # made in start(): it reads its cache directory
+        self.switch_user = switch_user
+        self.executor_heartbeat_interval = executor_heartbeat_interval
+        self.usage = usage or monitor.posix_usage
+        self.files = sandbox_files.Files()
+        self.gc = sandbox_gc.SandboxGC(
+            reactor, self.work_dir, delay=gc_delay, headroom=gc_disk_headroom,
+            interval=disk_watch_interval, disk_usage=disk_usage,
+            on_removed=self._sandbox_removed)
+        # Status update journals of checkpointing frameworks, by (framework id, task id).
+        self._journals: dict[tuple[str, str], checkpoint.TaskUpdates] = {}
 
         self.agent_id: str | None = None
         self.master_id: str | None = None
@@ -86,13 +128,16 @@ class Agent:
         self.completed_frameworks: deque[st.Framework] = deque(maxlen=st.MAX_COMPLETED_FRAMEWORKS)
         self.metrics: Counter = Counter()
         self.launcher = PosixLauncher(reactor)
-        self.updates = StatusUpdates(reactor, self._send_update, status_update_retry)
+        self.updates = StatusUpdates(reactor, self._send_update, status_update_retry,
+                                     on_taken=self._journal_taken,
+                                     on_acked=self._journal_acked)
         self.link = MasterLink(
             reactor, *self.master_address,
             registration=self._registration, on_registered=self._registered,
             on_message=self._on_master_message, on_disconnected=self._disconnected,
             on_refused=self._refused)
         self._listening = None
+        self._heartbeat: LoopingCall | None = None
         self._stopping = False
 
     @property
@@ -107,8 +152,11 @@ class Agent:
         router = Router()
         router.add("/api/v1/executor", ExecutorAPI(self), ("POST",))
         AgentEndpoints(self).install(router)
+        for route in sandbox_files.routes(self.files):
+            router.add(*route)
         factory = HTTPFactory(router, reactor=self.reactor, server_name="Agora agent")
         try:
+            self.fetcher = Fetcher(self.fetcher_cache_dir, self.fetcher_cache_size)
             self._listening = listen(self.reactor, self.port, factory, self.ip)
         except Exception:
             return fail()  # e.g. the port is taken: the caller's errback says so
@@ -116,6 +164,11 @@ class Agent:
         self.start_time = self.reactor.seconds()
         log.info("Agent listening on {ip}:{port}, resources {res}, work dir {wd}", ip=self.ip,
                  port=self.port, res=str(self.resources), wd=self.work_dir)
+        self.gc.start()
+        if self.executor_heartbeat_interval > 0:
+            self._heartbeat = LoopingCall(self._heartbeat_executors)
+            self._heartbeat.clock = self.reactor
+            self._heartbeat.start(self.executor_heartbeat_interval, now=False)
         self.link.start()
         return succeed(self)
 
@@ -125,8 +178,11 @@ class Agent:
         Fires once no process of ours is left.
         """
         self._stopping = True
-        waits = [self.link.stop()]
+        waits = [self.link.stop(), self.gc.stop()]
         self.updates.stop()
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._heartbeat = None
         for fw in list(self.frameworks.values()):
             for executor in list(fw.executors.values()):
                 self._cancel_timers(executor)
@@ -153,6 +209,12 @@ class Agent:
                 self.executor_registration_timeout),
             "executor_shutdown_grace_period": mj.format_duration(self.executor_shutdown_grace),
             "status_update_retry_interval": mj.format_duration(self.status_update_retry),
+            "fetcher_cache_dir": self.fetcher_cache_dir,
+            "fetcher_cache_size": "%dB" % self.fetcher_cache_size,
+            "gc_delay": mj.format_duration(self.gc.delay),
+            "gc_disk_headroom": str(self.gc.headroom),
+            "disk_watch_interval": mj.format_duration(self.gc.interval),
+            "switch_user": "true" if self.switch_user else "false",
             "python": self.python, "version": mj.MESOS_VERSION,
         }
 
@@ -192,8 +254,11 @@ class Agent:
         else:
             log.info("Re-registered with master {mid} as agent {aid}", mid=msg.master_id,
                      aid=msg.agent_id)
+        first = self.agent_id is None
         self.agent_id = msg.agent_id
         self.master_id = msg.master_id
+        if first:
+            self._recover_updates()
         self.updates.reconnected()
 
     def _disconnected(self) -> None:
@@ -345,42 +410,133 @@ class Agent:
         if not fresh:
             return
         new = executor is None
+        if not new and kind == st.DEFAULT:
+            # A further group for a running default executor: its tasks' users must exist.
+            try:
+                self._check_task_users(fw, executor.info, [t.info for t in fresh])
+            except users.UnknownUser as e:
+                for record in fresh:
+                    self._update_without_record(
+                        fw.framework_id, record.task_id, "TASK_FAILED",
+                        "REASON_CONTAINER_LAUNCH_FAILED",
+                        f"Failed to launch the container: {e}", executor_id=eid)
+                return
         if new:
             executor = fw.executors[eid] = st.Executor(info, fw.framework_id, kind)
         for record in fresh:
             executor.tasks[record.task_id] = record
-        executor.queue.append((how, [t.task_id for t in fresh]))
+        entry = (how, [t.task_id for t in fresh])
         if new:
+            executor.queue.append(entry)
             self._launch(fw, executor)
-        else:
+            return
+        try:
+            uris = self._task_uris([t.info for t in fresh]) if kind != st.CUSTOM else []
+        except ValueError as e:
+            for record in fresh:
+                self._agent_update(executor, record, "TASK_FAILED",
+                                   "REASON_CONTAINER_LAUNCH_FAILED", f"Invalid task: {e}")
+            return
+        if not uris:
+            executor.queue.append(entry)
             self._deliver(executor)
+            return
+        # A group joining a running default executor: its URIs go into the shared sandbox
+        # first; the tasks wait (out of the queue) until they are there.
+        d = self._fetch(uris, executor.directory, self._executor_user(fw, executor))
+        d.addCallbacks(lambda _: self._joined(executor, entry),
+                       lambda failure: self._join_failed(executor, entry, failure))
+
+    def _joined(self, executor: st.Executor, entry: tuple[str, list[str]]) -> None:
+        self.metrics["fetches_succeeded"] += 1
+        if executor.state in (st.TERMINATING, st.TERMINATED) or self._stopping:
+            return  # its tasks were settled when it ended
+        executor.queue.append(entry)
+        self._deliver(executor)
+
+    def _join_failed(self, executor: st.Executor, entry: tuple[str, list[str]],
+                     failure) -> None:
+        self.metrics["fetches_failed"] += 1
+        if executor.state == st.TERMINATED or self._stopping:
+            return
+        message = self._fetch_message(executor, failure)
+        for tid in entry[1]:
+            task = executor.tasks.get(tid)
+            if task is not None and not task.terminal:
+                self._agent_update(executor, task, "TASK_FAILED",
+                                   "REASON_CONTAINER_LAUNCH_FAILED", message)
 
     def _launch(self, fw: st.Framework, executor: st.Executor) -> None:
-        """Create the sandbox and start the executor's container."""
+        """Check the user, create the sandbox, fetch the URIs, then start the container."""
         executor.container_id = str(uuid.uuid4())
         directory = None
         try:
+            run_as = self._run_as(fw, executor)
             directory = sandbox.create_run(self.work_dir, self.agent_id, fw.framework_id,
                                            executor.executor_id, executor.container_id)
-            # (The fetcher will run here, before the executor starts.)
-            spec = self._launch_spec(fw, executor, directory)
+            executor.directory = directory
+            self._attach(fw, executor, directory)
+            if run_as is not None:
+                self._give_sandbox(directory, run_as)
+            uris = self._executor_uris(executor)
+        except (OSError, ValueError) as e:  # UnknownUser is a ValueError
+            self._launch_failed(fw, executor, f"Failed to launch the container: {e}")
+            return
+        if not uris:
+            self._start_container(fw, executor, run_as)
+            return
+        d = self._fetch(uris, directory, run_as.name if run_as is not None else None)
+        d.addCallbacks(lambda _: self._fetched(fw, executor, run_as),
+                       lambda failure: self._fetch_failed(fw, executor, failure))
+
+    def _fetch(self, uris: list, directory: str, user: str | None) -> Deferred:
+        """Fetch `uris` into `directory` in a thread of its own (the fetcher blocks).
+
+        Not the reactor's pool: a few slow downloads would starve what else uses it (sandbox
+        removal, /monitor/statistics), and its threads are joined at shutdown, so a stalled
+        download would hold up the agent's exit. A daemon thread per fetch does neither.
+        """
+        d = Deferred()
+        reactor = self.reactor
+
+        def run():
+            try:
+                result = self.fetcher.fetch(uris, directory, user)
+            except BaseException:
+                reactor.callFromThread(d.errback, Failure())
+            else:
+                reactor.callFromThread(d.callback, result)
+
+        threading.Thread(target=run, daemon=True, name=f"fetch {directory}").start()
+        return d
+
+    def _fetched(self, fw: st.Framework, executor: st.Executor, run_as) -> None:
+        self.metrics["fetches_succeeded"] += 1
+        if executor.state != st.LAUNCHING or self._stopping:
+            return  # shut down while fetching: it ended already
+        self._start_container(fw, executor, run_as)
+
+    def _fetch_failed(self, fw: st.Framework, executor: st.Executor, failure) -> None:
+        self.metrics["fetches_failed"] += 1
+        if executor.state != st.LAUNCHING or self._stopping:
+            return
+        self._launch_failed(fw, executor, self._fetch_message(executor, failure))
+
+    def _fetch_message(self, executor: st.Executor, failure) -> str:
+        if failure.check(FetchError):
+            return failure.getErrorMessage()
+        log.failure("Fetching the URIs of executor {eid} failed unexpectedly", failure,
+                    eid=executor.executor_id)
+        return f"Failed to fetch URIs: {failure.getErrorMessage()}"
+
+    def _start_container(self, fw: st.Framework, executor: st.Executor, run_as) -> None:
+        directory = executor.directory
+        try:
+            spec = self._launch_spec(fw, executor, directory, run_as)
             container = self.launcher.launch(executor.container_id, spec)
         except (OSError, ValueError) as e:
-            message = f"Failed to launch the container: {e}"
-            log.error("Executor {eid} of framework {fid}: {message}", eid=executor.executor_id,
-                      fid=fw.framework_id, message=message)
-            self.metrics["container_launch_errors"] += 1
-            if directory:
-                executor.directory = directory
-                try:
-                    with open(os.path.join(directory, "stderr"), "a") as f:
-                        f.write(message + "\n")
-                except OSError:
-                    pass
-            executor.termination = ("TASK_FAILED", "REASON_CONTAINER_LAUNCH_FAILED", message)
-            self._executor_ended(fw.framework_id, executor, None)
+            self._launch_failed(fw, executor, f"Failed to launch the container: {e}")
             return
-        executor.directory = directory
         executor.container = container
         log.info("Launched executor {eid} of framework {fid} (pid {pid}) in {dir}",
                  eid=executor.executor_id, fid=fw.framework_id, pid=container.pid, dir=directory)
@@ -389,7 +545,92 @@ class Agent:
         executor.registration_timer = self.reactor.callLater(
             self.executor_registration_timeout, self._registration_timed_out, executor)
 
-    def _launch_spec(self, fw: st.Framework, executor: st.Executor, directory: str) -> LaunchSpec:
+    def _launch_failed(self, fw: st.Framework, executor: st.Executor, message: str) -> None:
+        """The container could not be started: its tasks fail with CONTAINER_LAUNCH_FAILED."""
+        log.error("Executor {eid} of framework {fid}: {message}", eid=executor.executor_id,
+                  fid=fw.framework_id, message=message)
+        self.metrics["container_launch_errors"] += 1
+        if executor.directory:
+            try:
+                with open(os.path.join(executor.directory, "stderr"), "a") as f:
+                    f.write(message + "\n")
+            except OSError:
+                pass
+        executor.termination = ("TASK_FAILED", "REASON_CONTAINER_LAUNCH_FAILED", message)
+        self._executor_ended(fw.framework_id, executor, None)
+
+    def _attach(self, fw: st.Framework, executor: st.Executor, directory: str) -> None:
+        """Serve the sandbox under /files: by its real path and as the executor's latest run."""
+        self.files.attach(directory, directory)
+        self.files.attach(f"/frameworks/{fw.framework_id}/executors/{executor.executor_id}"
+                          f"/runs/{sandbox.LATEST}", directory)
+
+    # --- users and URIs --------------------------------------------------------------------
+
+    def _switching(self) -> bool:
+        return self.switch_user and users.can_switch()
+
+    def _executor_user(self, fw: st.Framework, executor: st.Executor) -> str | None:
+        """Who owns the sandbox (and runs a custom executor): Mesos's rule, or None."""
+        if not self._switching():
+            return None
+        if executor.kind == st.COMMAND:
+            task = next(iter(executor.tasks.values()), None)
+            return task_user(task.info if task else None, None, fw.info)
+        return task_user(None, executor.info, fw.info)
+
+    def _check_task_users(self, fw: st.Framework, executor_info: dict,
+                          tasks: list[dict]) -> None:
+        """UnknownUser unless every task's user exists (our executor switches to them)."""
+        if not self._switching():
+            return
+        for task in tasks:
+            name = task_user(task, executor_info, fw.info)
+            if name is not None:
+                users.lookup(name)
+
+    def _run_as(self, fw: st.Framework, executor: st.Executor) -> users.RunAs | None:
+        """The executor's user, looked up; UnknownUser if it, or a task's, does not exist."""
+        name = self._executor_user(fw, executor)
+        if executor.kind != st.CUSTOM:
+            self._check_task_users(fw, executor.info,
+                                   [t.info for t in executor.tasks.values()])
+        return users.lookup(name) if name is not None else None
+
+    @staticmethod
+    def _give_sandbox(directory: str, run_as: users.RunAs) -> None:
+        """The sandbox and its stdout/stderr belong to the user the container runs as."""
+        for name in ("stdout", "stderr"):
+            with open(os.path.join(directory, name), "ab"):
+                pass
+            os.chown(os.path.join(directory, name), run_as.uid, run_as.gid)
+        os.chown(directory, run_as.uid, run_as.gid)
+
+    @staticmethod
+    def _command_uris(command) -> list:
+        if not isinstance(command, dict) or command.get("uris") is None:
+            return []
+        uris = command["uris"]
+        if not isinstance(uris, list):
+            raise ValueError("'command.uris' must be a list of CommandInfo.URI objects")
+        return uris
+
+    def _task_uris(self, tasks: list[dict]) -> list:
+        uris = []
+        for task in tasks:
+            uris.extend(self._command_uris(task.get("command")))
+        return uris
+
+    def _executor_uris(self, executor: st.Executor) -> list:
+        """What to fetch before the executor starts: its command's URIs (a custom or default
+        executor), then the URIs of the tasks it starts with (command tasks and groups)."""
+        uris = list(self._command_uris(executor.info.get("command")))
+        if executor.kind != st.CUSTOM:
+            uris.extend(self._task_uris([t.info for t in executor.tasks.values()]))
+        return uris
+
+    def _launch_spec(self, fw: st.Framework, executor: st.Executor, directory: str,
+                     run_as: users.RunAs | None = None) -> LaunchSpec:
         if executor.kind == st.CUSTOM:
             command = executor.info.get("command")
             if not isinstance(command, dict):
@@ -399,19 +640,29 @@ class Agent:
             argv, program = self._builtin_executor_argv(), self.python
             command = executor.info.get("command") if executor.kind == st.DEFAULT else None
         env = self._executor_environment(fw, executor, directory)
+        user = None
+        if executor.kind == st.CUSTOM:
+            if run_as is not None:
+                env.update(run_as.environment())
+                user = run_as
+        elif self._switching():
+            # Our executor stays root and starts each task as the task's user.
+            env[SWITCH_USER_VARIABLE] = "1"
         if isinstance(command, dict):
             env.update(environment_variables(command))
         return LaunchSpec(argv=argv, env=env, cwd=directory, program=program,
                           stdout=os.path.join(directory, "stdout"),
-                          stderr=os.path.join(directory, "stderr"))
+                          stderr=os.path.join(directory, "stderr"), user=user)
 
     def _executor_environment(self, fw: st.Framework, executor: st.Executor,
                               directory: str) -> dict:
         """The agent's environment plus the MESOS_* variables of spec §4.1."""
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("MESOS_", "LIBPROCESS_", "AGORA_TASK_"))}
+               if not k.startswith(("MESOS_", "LIBPROCESS_", "AGORA_TASK_"))
+               and k != SWITCH_USER_VARIABLE}
         endpoint = f"{self.advertised_ip}:{self.port}"
         env.update({
+            "HOST": self.hostname,
             "MESOS_FRAMEWORK_ID": fw.framework_id,
             "MESOS_EXECUTOR_ID": executor.executor_id,
             "MESOS_DIRECTORY": directory,
@@ -579,13 +830,13 @@ class Agent:
                 log.warn("Dropping {state} for task {tid}: it already is {terminal}",
                          state=status.get("state"), tid=task.task_id, terminal=task.state)
             return False
+        # (A checkpointing framework's update is journaled inside `update`, before it is sent.)
         if not self.updates.update(executor.framework_id, status):
             return False  # a duplicate
         task.state = status["state"]
         task.statuses.append(status)
         if task.terminal:
             self.metrics["tasks_" + task.state[len("TASK_"):].lower()] += 1
-        # (Checkpointing will write the update here.)
         return True
 
     def _agent_update(self, executor: st.Executor, task: st.Task, state: str, reason: str,
@@ -598,11 +849,12 @@ class Agent:
         self._take_update(executor, task, status)
 
     def _update_without_record(self, fid: str, tid: str, state: str, reason: str,
-                               message: str) -> None:
+                               message: str, executor_id: str | None = None) -> None:
         """A status for a task the agent keeps no record of (rejected or unknown)."""
         self.updates.update(fid, mj.task_status(
             tid, state, source="SOURCE_AGENT", timestamp=self.reactor.seconds(),
-            agent_id=self.agent_id, reason=reason, message=message, uuid=mj.new_uuid()))
+            agent_id=self.agent_id, executor_id=executor_id, reason=reason, message=message,
+            uuid=mj.new_uuid()))
 
     def _on_ack(self, fid: str, tid: str, uuid_b64: str) -> None:
         status = self.updates.ack(fid, tid, uuid_b64)
@@ -620,6 +872,98 @@ class Agent:
         if task is not None:
             executor.completed_tasks.append(task)
         self._maybe_forget_executor(fw, executor)
+
+    # --- checkpointing status updates -----------------------------------------------------
+
+    def _journal_taken(self, fid: str, status: dict) -> None:
+        """Journal an update of a checkpointing framework before it goes to the master."""
+        tid = mj.id_of(status, "task_id")
+        journal = self._journals.get((fid, tid))
+        if journal is None:
+            fw = self.frameworks.get(fid)
+            eid = mj.id_of(status, "executor_id", required=False)
+            executor = fw.executors.get(eid) if fw is not None and eid else None
+            if not fw or not fw.checkpoint or executor is None or not executor.container_id \
+                    or not self.agent_id:
+                return
+            try:
+                path = checkpoint.task_updates_path(self.work_dir, self.agent_id, fid, eid,
+                                                    executor.container_id, tid)
+            except ValueError as e:  # an id that cannot name a directory
+                self.metrics["checkpoint_errors"] += 1
+                log.error("Cannot checkpoint the updates of task {tid}: {e}", tid=tid, e=e)
+                return
+            journal = self._journals[(fid, tid)] = checkpoint.TaskUpdates(path)
+        try:
+            journal.update(fid, status)
+        except OSError as e:
+            self.metrics["checkpoint_errors"] += 1
+            log.error("Cannot checkpoint an update of task {tid}: {e}", tid=tid, e=e)
+
+    def _journal_acked(self, fid: str, status: dict) -> None:
+        tid = mj.id_of(status, "task_id")
+        journal = self._journals.get((fid, tid))
+        if journal is None:
+            return
+        try:
+            journal.ack(status["uuid"])
+        except OSError as e:
+            self.metrics["checkpoint_errors"] += 1
+            log.error("Cannot checkpoint an acknowledgement for task {tid}: {e}", tid=tid, e=e)
+        if mj.is_terminal(status.get("state", "")):
+            del self._journals[(fid, tid)]
+
+    def _recover_updates(self) -> None:
+        """Take back the unacknowledged updates journaled under this agent id (a restart
+        with the same work dir and id): they are sent again until acknowledged."""
+        streams, errors = checkpoint.recover_status_updates(self.work_dir, self.agent_id)
+        for error in errors:
+            log.error("Skipping a status update checkpoint: {error}", error=error)
+        count = 0
+        for stream in streams:
+            key = (stream.framework_id, stream.task_id)
+            if not stream.pending or key in self._journals:
+                continue
+            self._journals[key] = checkpoint.TaskUpdates(stream.path, list(stream.records))
+            for status in stream.pending:
+                count += self.updates.update(stream.framework_id, status)
+        if count:
+            log.info("Recovered {n} unacknowledged status update(s) from {dir}", n=count,
+                     dir=checkpoint.meta_dir(self.work_dir, self.agent_id))
+
+    # --- executors' heartbeats and usage ---------------------------------------------------
+
+    def _heartbeat_executors(self) -> None:
+        for fw in self.frameworks.values():
+            for executor in fw.executors.values():
+                self._send_event(executor, "HEARTBEAT")
+
+    def statistics(self) -> Deferred:
+        """/monitor/statistics: one entry per running executor (the usage is read in a
+        thread); fires with the list."""
+        running = [e for fw in self.frameworks.values() for e in fw.executors.values()
+                   if e.container is not None and e.container.running]
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.usage,
+                              [e.container for e in running])
+
+        def build(usage: dict) -> list:
+            now = time.time()
+            entries = []
+            for executor in running:
+                stats = {"timestamp": now, "processes": 0, "threads": 0,
+                         "cpus_user_time_secs": 0.0, "cpus_system_time_secs": 0.0,
+                         "mem_rss_bytes": 0}
+                stats.update(usage.get(executor.container_id) or {})
+                stats.update(monitor.limits(
+                    [executor.info.get("resources")] +
+                    [t.info.get("resources") for t in executor.tasks.values()
+                     if not t.terminal]))
+                entries.append(monitor.entry(
+                    executor.executor_id, executor.info.get("name", ""),
+                    executor.framework_id, executor.info.get("source", ""), stats))
+            return entries
+
+        return d.addCallback(build)
 
     @staticmethod
     def _lost_state(fw: st.Framework | None) -> str:
@@ -682,6 +1026,10 @@ class Agent:
         if executor.registration_timer is not None and executor.registration_timer.active():
             executor.registration_timer.cancel()
         executor.registration_timer = None
+        if executor.container is None:
+            # Still being prepared (its URIs are being fetched): it never starts.
+            self._executor_ended(executor.framework_id, executor, None)
+            return
         grace = self._shutdown_grace(executor)
         log.info("Shutting down executor {eid} of framework {fid}", eid=executor.executor_id,
                  fid=executor.framework_id)
@@ -746,6 +1094,7 @@ class Agent:
         if fw.executors.get(executor.executor_id) is executor:
             del fw.executors[executor.executor_id]
             fw.completed_executors.append(executor)
+            self._schedule_gc(executor)
         if not fw.executors and (fw.terminating or not self._stopping):
             self._forget_framework(fw)
 
@@ -756,6 +1105,48 @@ class Agent:
         if fw.terminating:
             # Nobody will acknowledge these any more (Mesos cleans them up the same way).
             self.updates.streams.remove(fw.framework_id)
+            for key in [k for k in self._journals if k[0] == fw.framework_id]:
+                del self._journals[key]
+
+    # --- sandbox collection ----------------------------------------------------------------
+
+    def _schedule_gc(self, executor: st.Executor) -> None:
+        """A finished run's sandbox (and its checkpoints) go after the GC delay (Mesos)."""
+        if self._stopping or executor.directory is None:
+            return
+        self.gc.schedule(executor.directory)
+        if self.agent_id and executor.container_id:
+            meta = checkpoint.meta_run_dir(self.work_dir, self.agent_id, executor.framework_id,
+                                           executor.executor_id, executor.container_id)
+            if os.path.isdir(meta):
+                self.gc.schedule(meta)
+
+    def _sandbox_removed(self, path: str) -> None:
+        """The collector removed a run directory: stop serving it, and remove the executor's
+        and the framework's directories too once nothing of theirs is left."""
+        self.files.detach_under(path)
+        runs = os.path.dirname(path)
+        executor_dir = os.path.dirname(runs)
+        executors = os.path.dirname(executor_dir)
+        framework_dir = os.path.dirname(executors)
+        if os.path.basename(runs) != "runs" or os.path.basename(executors) != "executors":
+            return
+        fid, eid = os.path.basename(framework_dir), os.path.basename(executor_dir)
+        fw = self.frameworks.get(fid)
+        try:
+            if fw is None or eid not in fw.executors:
+                left = os.listdir(runs)
+                # Only the `latest` link (dangling now) and its temporary names remain.
+                if all(n == sandbox.LATEST or n.startswith("." + sandbox.LATEST) for n in left):
+                    for name in left:
+                        os.unlink(os.path.join(runs, name))
+                    os.rmdir(runs)
+                    os.rmdir(executor_dir)
+            if fw is None:
+                os.rmdir(executors)
+                os.rmdir(framework_dir)
+        except OSError:
+            pass  # not empty (another run, or a new launch): it stays
 
     def _to_executor_message(self, msg: protocol.FrameworkMessage) -> None:
         fw = self.frameworks.get(msg.framework_id)

@@ -4,7 +4,8 @@
     /health                    200 while the agent serves
     /version                   {"version": "1.11.0", ...}
     /flags                     {"flags": {...}}
-    /metrics/snapshot          slave/* gauges and counters
+    /metrics/snapshot          slave/* and gc/* gauges and counters
+    /monitor/statistics        per running executor: usage and limits (ResourceStatistics)
 
 Both `/x` and `/slave(1)/x` work, as on a Mesos agent (libprocess serves the actor's
 endpoints under its name).
@@ -38,6 +39,8 @@ class AgentEndpoints:
             router.add(prefix + "/flags", self.flags, ("GET",))
         router.add("/version", self.version, ("GET",))
         router.add("/metrics/snapshot", self.metrics, ("GET",))
+        router.add("/monitor/statistics", self.statistics, ("GET",))
+        router.add("/monitor/statistics.json", self.statistics, ("GET",))
 
     # --- handlers ----------------------------------------------------------------------
 
@@ -73,6 +76,9 @@ class AgentEndpoints:
 
     def metrics(self, request):
         return json_response(self.snapshot())
+
+    def statistics(self, request):
+        return self.agent.statistics().addCallback(json_response)
 
     def snapshot(self) -> dict:
         """slave/* metrics with Mesos's names."""
@@ -115,7 +121,15 @@ class AgentEndpoints:
             "slave/executor_registration_timeouts": float(
                 counters.get("executor_registration_timeouts", 0)),
             "slave/status_updates_pending": float(len(agent.updates.streams)),
+            "slave/checkpoint_errors": float(counters.get("checkpoint_errors", 0)),
+            "containerizer/fetcher/task_fetches_succeeded": float(
+                counters.get("fetches_succeeded", 0)),
+            "containerizer/fetcher/task_fetches_failed": float(counters.get("fetches_failed", 0)),
+            "containerizer/fetcher/cache_size_total_bytes": float(agent.fetcher_cache_size),
+            "containerizer/fetcher/cache_size_used_bytes": float(
+                agent.fetcher.cache_usage() if agent.fetcher is not None else 0),
         }
+        snapshot.update(agent.gc.metrics())
         for state in ("finished", "failed", "killed", "lost", "gone", "dropped", "error"):
             snapshot[f"slave/tasks_{state}"] = float(counters.get(f"tasks_{state}", 0))
         for name in ("cpus", "mem", "disk", "gpus"):

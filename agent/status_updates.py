@@ -7,8 +7,8 @@ the stream has already seen, and acks for anything but the head, are ignored (Me
 the same). After a reconnect every head is sent again at once.
 
 `UpdateStreams` is the pure bookkeeping (time is an argument); `StatusUpdates` is the thin
-shell that owns a timer and the sending function. Checkpointing the streams (so that they
-survive an agent restart) will hook into `StatusUpdates.update` and `.ack`.
+shell that owns a timer and the sending function; its `on_taken`/`on_acked` hooks let the
+agent journal each change (`agent.checkpoint`) before the change goes on the wire.
 """
 
 from __future__ import annotations
@@ -142,9 +142,15 @@ class StatusUpdates:
     """
 
     def __init__(self, clock, send: Callable[[str, dict], None], retry_interval: float,
-                 max_interval: float = DEFAULT_MAX_INTERVAL):
+                 max_interval: float = DEFAULT_MAX_INTERVAL,
+                 on_taken: Callable[[str, dict], None] | None = None,
+                 on_acked: Callable[[str, dict], None] | None = None):
         self.clock = clock
         self.send = send
+        # Checkpointing hooks: called when a stream changed, before anything is sent, so
+        # a journal written there is durable before the master can see the change.
+        self.on_taken = on_taken
+        self.on_acked = on_acked
         self.streams = UpdateStreams(retry_interval, max_interval)
         self.connected = False
         self._timer = None
@@ -154,6 +160,8 @@ class StatusUpdates:
         """Take an update for reliable delivery; False if it was a duplicate."""
         taken = self.streams.add(framework_id, status, self.clock.seconds())
         if taken:
+            if self.on_taken is not None:
+                self.on_taken(framework_id, status)
             self._flush()
         return taken
 
@@ -161,6 +169,8 @@ class StatusUpdates:
         """The master acknowledged `uuid`; returns the acked status (None if unexpected)."""
         status = self.streams.ack(framework_id, task_id, uuid, self.clock.seconds())
         if status is not None:
+            if self.on_acked is not None:
+                self.on_acked(framework_id, status)
             self._flush()
         return status
 

@@ -26,6 +26,24 @@ def _resources(text: str) -> str:
     return text
 
 
+def _number(kind, check, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_nonnegative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+_nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+_positive_float = _number(float, lambda v: v > 0, "a number > 0")
+_fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
+
+
 def _read_secret(path: str | None) -> bytes | None:
     if not path:
         return None
@@ -58,6 +76,21 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attributes", default=None, help="e.g. 'rack:r1;zone:a'")
     p.add_argument("--status-update-retry", type=float, default=10.0, metavar="SECS",
                    help="first retry interval of unacknowledged status updates (default 10)")
+    p.add_argument("--fetcher-cache-dir", default=None, metavar="DIR",
+                   help="where fetched URIs with cache=true are kept (default: WORK_DIR/fetch)")
+    p.add_argument("--fetcher-cache-size", type=_nonnegative_int, default=2 * 1024**3,
+                   metavar="BYTES", help="most bytes the fetcher cache holds (default 2 GiB)")
+    p.add_argument("--gc-delay", type=_nonnegative_float, default=7 * 86400.0, metavar="SECS",
+                   help="longest a finished sandbox is kept (default 1 week); less as the "
+                        "disk fills: delay * (1 - headroom - used fraction)")
+    p.add_argument("--gc-disk-headroom", type=_fraction, default=0.1, metavar="FRACTION",
+                   help="disk share to keep free, 0..1 (default 0.1); 1 collects every "
+                        "finished sandbox at the next disk check")
+    p.add_argument("--disk-watch-interval", type=_positive_float, default=60.0, metavar="SECS",
+                   help="how often the disk is checked and due sandboxes removed (default 60)")
+    p.add_argument("--switch-user", action=argparse.BooleanOptionalAction, default=True,
+                   help="when running as root, run executors and tasks as the user the task "
+                        "or framework names (default: on)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,6 +104,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-master"))
     m.add_argument("--secret-file", default=None,
                    help="file holding a secret agents must prove they know")
+    m.add_argument("--zk", default=None, metavar="zk://HOST:PORT[,HOST:PORT...]/PATH",
+                   help="run as one of several masters: elect the leader in ZooKeeper under "
+                        "PATH (use /mesos for mesoshttp clients); followers redirect to it")
+    m.add_argument("--zk-session-timeout", type=float, default=10.0, metavar="SECS",
+                   help="ZooKeeper session timeout: how long a dead leader holds on "
+                        "(default 10)")
     _master_options(m)
 
     a = sub.add_parser("agent", help="run an agent")

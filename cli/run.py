@@ -68,22 +68,41 @@ def _serve(reactor, services: list, banner) -> int:
 
 
 def run_master(reactor, args, secret) -> int:
+    from agora import zookeeper
     from master.service import MasterService
 
+    if args.zk:
+        try:
+            zookeeper.parse_url(args.zk)
+        except ValueError as e:
+            print(f"agora: --zk: {e}", file=sys.stderr)
+            return 2
+        if not args.zk_session_timeout > 0:
+            print("agora: --zk-session-timeout must be positive", file=sys.stderr)
+            return 2
     master = MasterService(reactor, ip=args.ip, port=args.port, work_dir=args.work_dir,
                            registry=args.registry, hostname=args.hostname, secret=secret,
+                           zk=args.zk, zk_session_timeout=args.zk_session_timeout,
                            **_master_kwargs(args))
     return _serve(reactor, [master],
                   lambda: print(f"Master: http://{args.ip}:{master.port}", flush=True))
+
+
+def _agent_kwargs(args, fetcher_cache_dir) -> dict:
+    return dict(resources=args.resources, attributes=args.attributes,
+                status_update_retry=args.status_update_retry,
+                fetcher_cache_dir=fetcher_cache_dir,
+                fetcher_cache_size=args.fetcher_cache_size, gc_delay=args.gc_delay,
+                gc_disk_headroom=args.gc_disk_headroom,
+                disk_watch_interval=args.disk_watch_interval, switch_user=args.switch_user)
 
 
 def run_agent(reactor, args, secret) -> int:
     from agent.agent import Agent
 
     agent = Agent(reactor, master=args.master, work_dir=args.work_dir, ip=args.ip,
-                  port=args.port, hostname=args.hostname, resources=args.resources,
-                  attributes=args.attributes, secret=secret,
-                  status_update_retry=args.status_update_retry)
+                  port=args.port, hostname=args.hostname, secret=secret,
+                  **_agent_kwargs(args, args.fetcher_cache_dir))
     return _serve(reactor, [agent],
                   lambda: print(f"Agent: http://{args.ip}:{agent.port}", flush=True))
 
@@ -106,10 +125,12 @@ def run_local(reactor, args) -> int:
             ds = []
             for i in range(args.agents):
                 port = 0 if args.port == 0 else args.port + 1 + i
+                # A fetcher cache belongs to one agent: each gets its own directory.
+                cache = (os.path.join(args.fetcher_cache_dir, f"agent{i}")
+                         if args.fetcher_cache_dir else None)
                 agent = Agent(reactor, master=(args.ip, master.port),
                               work_dir=os.path.join(args.work_dir, f"agent{i}"), ip=args.ip,
-                              port=port, resources=args.resources, attributes=args.attributes,
-                              status_update_retry=args.status_update_retry)
+                              port=port, **_agent_kwargs(args, cache))
                 agents.append(agent)
                 ds.append(agent.start())
             return defer.gatherResults(ds, consumeErrors=True)

@@ -1,36 +1,61 @@
-"""The master process: one port serving HTTP APIs and agent links, around a `Master`."""
+"""The master process: one port serving HTTP APIs and agent links, around a `Master`.
 
+With `zk` the master is one of several: it contends in ZooKeeper (`Election`) and serves as
+the leader only while it leads; a follower redirects API calls to the leader (307) and keeps
+an empty state. A leader that loses its ZooKeeper session exits (docs/ha.md).
+"""
+
+import json
 import os
 import socket
+import sys
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from agora import protocol
-from agora.http import HTTPFactory, Router, listen
+from agora import zookeeper
+from agora.http import HTTPFactory, Router, json_response, listen
 from agora.link import Link
-from master.api import legacy
-from master.api.operator import OperatorAPI
+from master.api import legacy, views
+from master.api.operator import OperatorAPI, metrics_snapshot
 from master.api.scheduler import SchedulerAPI
 from master.master import Master
 from master.registrar import MemoryRegistry, Registrar, SQLiteRegistry
 
 log = Logger()
 
+#: The exit status of a leader that lost its ZooKeeper session (Mesos exits with 1 too).
+EXIT_LOST_LEADERSHIP = 1
+_REGISTRATIONS = (protocol.RegisterAgent, protocol.ReregisterAgent)
+
 
 class AgentLinkFactory(Factory):
-    """Builds the master's end of an agent connection (after the sniffed prefix)."""
+    """Builds the master's end of an agent connection (after the sniffed prefix).
 
-    def __init__(self, master: Master):
+    While `leading()` is false, registrations are dropped (as a Mesos follower does); the
+    agent gives up on the link after its registration timeout and tries again.
+    """
+
+    def __init__(self, master: Master, leading=lambda: True):
         self.master = master
+        self.leading = leading
 
     def buildProtocol(self, addr):
         link = Link(self.master.reactor, send_prefix=False)
         link.agent = None
         link.nonce = b""
-        master = self.master
-        link.on_message = lambda msg: master.on_agent_message(link, msg)
+        master, leading = self.master, self.leading
+
+        def on_message(msg):
+            if isinstance(msg, _REGISTRATIONS) and not leading():
+                log.info("Ignoring {kind} from {peer}: this master is not the leader",
+                         kind=type(msg).__name__, peer=link._peer())
+                return
+            master.on_agent_message(link, msg)
+
+        link.on_message = on_message
         link.on_lost = lambda reason: master.agent_link_lost(link)
         made = link.connectionMade
 
@@ -42,13 +67,149 @@ class AgentLinkFactory(Factory):
         return link
 
 
+class Election:
+    """A master's candidacy in ZooKeeper: contend, follow whoever leads, and contend again
+    (with a new session) when a follower's session is lost.
+
+    `on_leading(bool)` follows the Contender (False at once when the session is suspended,
+    True again if it reconnects); `on_deposed(reason)` is called once if the session is lost
+    after this master has led: its state can no longer be trusted, and it must go.
+    """
+
+    def __init__(self, reactor, url: zookeeper.ZkUrl, info: dict, *,
+                 session_timeout: float = 10.0, on_leading=lambda leading: None,
+                 on_deposed=lambda reason: None, retry_delay: float = 1.0):
+        self.reactor, self.url = reactor, url
+        self.data = json.dumps(info).encode()
+        self.session_timeout = session_timeout
+        self.on_leading, self.on_deposed = on_leading, on_deposed
+        self.retry_delay = retry_delay
+        self.session = self.contender = self.detector = None
+        self.has_led = False
+        self._stopping = False
+        self._retry_call = None
+
+    @property
+    def leading(self) -> bool:
+        return self.contender is not None and self.contender.leading
+
+    @property
+    def leader(self) -> dict | None:
+        """The leading master's MasterInfo as last detected (None: nobody or unknown)."""
+        return self.detector.leader if self.detector is not None else None
+
+    def start(self) -> defer.Deferred:
+        """Contend; fails if ZooKeeper cannot be reached within the connect timeout."""
+        d = self._contend()
+
+        def failed(f):
+            raise RuntimeError(f"cannot contend for leadership in {self.url}: "
+                               f"{f.getErrorMessage() or f.type.__name__}")
+
+        return d.addErrback(failed)
+
+    def check(self) -> defer.Deferred:
+        """Look at ZooKeeper now instead of waiting for the watches to fire."""
+        session = self.session
+        if self.contender is None or session is None or session.state != zookeeper.CONNECTED:
+            return defer.succeed(None)
+        d = defer.gatherResults([self.contender.check(), self.detector.check()],
+                                consumeErrors=True)
+        return d.addErrback(lambda f: None)  # then answer with what we knew
+
+    def stop(self) -> defer.Deferred:
+        """Withdraw (our znode goes at once, so a follower takes over without waiting)."""
+        self._stopping = True
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        if self.session is None:
+            return defer.succeed(None)
+        session, contender = self.session, self.contender
+        d = contender.stop() if contender is not None else defer.succeed(None)
+        d.addBoth(lambda _: session.stop())
+        return d
+
+    def _contend(self) -> defer.Deferred:
+        session = zookeeper.Session(self.reactor, self.url.hosts, timeout=self.session_timeout)
+        contender = zookeeper.Contender(
+            session, self.url.path, self.data,
+            on_leading=lambda leading: self._leading_changed(contender, leading),
+            on_lost=lambda reason: self._lost(contender, reason))
+        detector = zookeeper.Detector(session, self.url.path, log=log)
+        self.session, self.contender, self.detector = session, contender, detector
+        d = session.start()
+        d.addCallback(lambda _: detector.start())
+        d.addCallback(lambda _: contender.start())
+
+        def contending(znode):
+            log.info("Contending for leadership in {url} as {znode}", url=self.url, znode=znode)
+
+        def failed(f):
+            session.stop()  # also ends a half-made candidacy: its znode goes with the session
+            return f
+
+        return d.addCallbacks(contending, failed)
+
+    def _leading_changed(self, contender, leading: bool) -> None:
+        if contender is not self.contender or self._stopping:
+            return
+        self.has_led = self.has_led or leading
+        self.on_leading(leading)
+
+    def _lost(self, contender, reason: str) -> None:
+        if contender is not self.contender or self._stopping:
+            return
+        if self.has_led:
+            self.on_deposed(reason)
+            return
+        log.warn("Lost candidacy as a follower ({reason}); contending again", reason=reason)
+        self._retry()
+
+    def _retry(self) -> None:
+        self._retry_call = None
+        if self._stopping:
+            return
+        d = self._contend()
+
+        def again(f):
+            log.warn("Cannot contend in ZooKeeper at {url} ({why}); retrying in {t}s",
+                     url=self.url, why=f.getErrorMessage() or f.type.__name__,
+                     t=self.retry_delay)
+            if not self._stopping:
+                self._retry_call = self.reactor.callLater(self.retry_delay, self._retry)
+
+        d.addErrback(again)
+
+
+def _exit(code: int) -> None:
+    """End the process now: no reactor shutdown, which could wait on ZooKeeper or clients."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
 class MasterService:
-    """Starts and stops a master listening on `ip:port` (port 0 picks a free one)."""
+    """Starts and stops a master listening on `ip:port` (port 0 picks a free one).
+
+    With `zk` (a `zk://hosts/path` URL) it contends for leadership there with sessions of
+    `zk_session_timeout` seconds, and `abort(status)` ends the process when it loses the
+    leadership (replaceable for tests).
+    """
 
     def __init__(self, reactor, *, ip: str = "127.0.0.1", port: int = 5050,
                  work_dir: str | None = None, registry: str = "sqlite",
-                 hostname: str | None = None, secret: bytes | None = None, **options):
+                 hostname: str | None = None, secret: bytes | None = None,
+                 zk: str | None = None, zk_session_timeout: float = 10.0,
+                 abort=_exit, **options):
         self.reactor = reactor
+        self.zk = zookeeper.parse_url(zk) if zk else None
+        self.zk_session_timeout = zk_session_timeout
+        self.abort = abort
+        self.election: Election | None = None
+        self._master_started = False
         self.ip, self.requested_port = ip, port
         self.work_dir = work_dir
         if registry == "sqlite" and work_dir:
@@ -58,36 +219,136 @@ class MasterService:
         self.registry = backend
         flags = {"ip": ip, "port": port, "work_dir": work_dir or "", "registry": registry,
                  **{k: v for k, v in options.items()}}
+        if self.zk is not None:
+            flags.update(zk=str(self.zk), zk_session_timeout=zk_session_timeout)
         self.master = Master(reactor, ip=ip, port=port, hostname=hostname or _hostname(ip),
                              registrar=Registrar(reactor, backend), secret=secret, flags=flags,
                              **options)
+        leader = self.leader if self.zk is not None else None
+        confirmed = self._confirmed if self.zk is not None else (lambda handler: handler)
         self.router = Router()
-        self.router.add("/api/v1/scheduler", SchedulerAPI(self.master), methods=("POST",))
-        self.router.add("/api/v1", OperatorAPI(self.master), methods=("POST",))
-        for prefix, handler, methods in legacy.routes(self.master):
+        self.router.add("/api/v1/scheduler", confirmed(SchedulerAPI(self.master, leader)),
+                        methods=("POST",))
+        self.router.add("/api/v1", confirmed(OperatorAPI(self.master, leader)),
+                        methods=("POST",))
+        # A follower's /state names the real leader; its metrics say it is not elected.
+        own = {"state": self._state(False), "state.json": self._state(False),
+               "state-summary": self._state(True)}
+        for prefix, handler, methods in legacy.routes(self.master, leader):
+            name = prefix.rsplit("/", 1)[1]
+            if prefix == "/metrics/snapshot":
+                handler = self._metrics
+            elif name == "redirect":
+                handler = confirmed(handler)
+            handler = own.get(name, handler)
             self.router.add(prefix, handler, methods=methods)
         self.port = None
         self._listening = None
 
+    @property
+    def leading(self) -> bool:
+        if self.zk is None:
+            return True
+        return self.election is not None and self.election.leading
+
+    def leader(self) -> tuple[bool, str | None]:
+        """(whether this master leads, "host:port" of the leader or None if unknown)."""
+        if self.leading:
+            return True, f"{self.master.hostname}:{self.master.port}"
+        return False, zookeeper.leader_address(self._leader_info())
+
+    def _confirmed(self, handler):
+        """`handler`, run on a follower only after a fresh look at who leads.
+
+        A client that a ZooKeeper watch has just sent here (this master is about to lead)
+        may be faster than our own watches: without this, we would redirect it to the
+        leader that has just gone, and pymesos would then retry that dead address for good.
+        """
+        def confirmed(request):
+            if self.leading or self.election is None:
+                return handler(request)
+            return self.election.check().addCallback(lambda _: handler(request))
+
+        return confirmed
+
+    def _leader_info(self) -> dict | None:
+        info = self.election.leader if self.election is not None else None
+        if info is None or info.get("id") == self.master.id:
+            return None  # ourselves, before our Contender has caught up with the Detector
+        return info
+
     def start(self) -> defer.Deferred:
         factory = HTTPFactory(self.router, sniffers=[(protocol.PREFIX,
-                                                       AgentLinkFactory(self.master))],
+                                                       AgentLinkFactory(self.master,
+                                                                        lambda: self.leading))],
                               reactor=self.reactor)
         self._listening = listen(self.reactor, self.requested_port, factory, interface=self.ip)
         self.port = self._listening.getHost().port
         self.master.port = self.port
         self.master.flags["port"] = self.port
-        self.master.start()
         log.info("Master {id} listening on http://{ip}:{port}", id=self.master.id, ip=self.ip,
                  port=self.port)
-        return defer.succeed(self)
+        if self.zk is None:
+            self._start_master()
+            return defer.succeed(self)
+        self.election = Election(self.reactor, self.zk, self.master.info,
+                                 session_timeout=self.zk_session_timeout,
+                                 on_leading=self._leading_changed, on_deposed=self._deposed)
+        return self.election.start().addCallback(lambda _: self)
 
     def stop(self) -> defer.Deferred:
-        self.master.stop()
-        d = defer.maybeDeferred(self._listening.stopListening) if self._listening else \
-            defer.succeed(None)
+        d = self.election.stop() if self.election is not None else defer.succeed(None)
+        d.addErrback(lambda f: log.failure("Leaving the ZooKeeper election failed", f))
+        d.addBoth(lambda _: self.master.stop())
+        if self._listening:
+            d.addBoth(lambda _: self._listening.stopListening())
         d.addBoth(lambda _: self.registry.close())
         return d
+
+    def _start_master(self) -> None:
+        if not self._master_started:
+            self._master_started = True
+            self.master.start()
+
+    def _leading_changed(self, leading: bool) -> None:
+        if leading and not self._master_started:
+            log.info("Elected as the leading master ({url})", url=self.zk)
+            self._start_master()
+        elif leading:
+            log.info("ZooKeeper connection is back, same session: leading again")
+        elif self._master_started:
+            log.warn("Lost the ZooKeeper connection: not serving as the leader until the "
+                     "session reconnects (or exiting once it is lost, in at most {t}s)",
+                     t=self.zk_session_timeout)
+
+    def _deposed(self, reason: str) -> None:
+        log.critical("Lost leadership: {reason}. Exiting with status {status}; restart this "
+                     "master (a supervisor should) and it will contend again as a follower",
+                     reason=reason, status=EXIT_LOST_LEADERSHIP)
+        try:
+            self.master.stop()  # closes scheduler and operator streams and agent links
+        finally:
+            self.abort(EXIT_LOST_LEADERSHIP)
+
+    def _state(self, summary: bool):
+        def handler(request):
+            state = views.legacy_state(self.master, summary=summary)
+            if not self.leading:  # as a Mesos follower: no elected_time; the leader if known
+                state.pop("elected_time", None)
+                info = self._leader_info()
+                if info is None:
+                    state.pop("leader", None)
+                    state.pop("leader_info", None)
+                else:
+                    state["leader"], state["leader_info"] = info.get("pid", ""), info
+            return json_response(state)
+
+        return handler
+
+    def _metrics(self, request):
+        metrics = metrics_snapshot(self.master)
+        metrics["master/elected"] = 1.0 if self.leading else 0.0
+        return json_response(metrics)
 
 
 def _hostname(ip: str) -> str:

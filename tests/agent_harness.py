@@ -17,6 +17,7 @@ kills every process they started.
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import os
 import sys
@@ -303,3 +304,69 @@ def cluster(make_cluster):
 
 
 PYTHON = sys.executable  # the interpreter for executors written in Python
+
+
+class FileServer:
+    """A real HTTP server on 127.0.0.1 serving `directory`, for URIs to fetch.
+
+    A request under `/gated/` waits until `gate` is set (or 10 s), so a test can hold a
+    fetch in progress; `hits` counts requests per path.
+    """
+
+    def __init__(self, directory):
+        self.gate = threading.Event()
+        self.hits: dict[str, int] = {}
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(directory), **kwargs)
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                server.hits[path] = server.hits.get(path, 0) + 1
+                if path.startswith("/gated/"):
+                    server.gate.wait(10)
+                    self.path = path[len("/gated"):]
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
+                                       name="file-server")
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A FileServer over `tmp_path / "www"` (created empty)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root)
+    server.root = root
+    yield server
+    server.stop()
+
+
+def make_tarball(path, files: dict[str, str], modes: dict[str, int] | None = None) -> str:
+    """Write a .tar.gz at `path` holding `files` (name -> text); returns the path."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = (modes or {}).get(name, 0o644)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)

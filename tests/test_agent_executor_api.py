@@ -234,3 +234,35 @@ def test_unmodified_pymesos_executor_runs_tasks_and_messages(cluster, tmp_path):
     assert exited[0].executor_id == "echo"
     wait_for(lambda: no_session_left(pid), what="the pymesos executor to be gone")
     assert "shutdown" in cluster.read_sandbox("echo")
+
+
+def test_subscribed_executors_get_heartbeats(make_cluster):
+    """HEARTBEAT events arrive on the stream every executor_heartbeat_interval."""
+    c = make_cluster(executor_heartbeat_interval=0.1)
+    c.wait_registered()
+    launch_idle(c)
+    stream = subscribe(c)
+    got = events(stream, 4)
+    assert [e["type"] for e in got[:2]] == ["SUBSCRIBED", "LAUNCH"]
+    assert {e["type"] for e in got[2:]} == {"HEARTBEAT"}
+    stream.close()
+
+
+def test_unacknowledged_updates_in_subscribe_are_taken_and_acknowledged(cluster):
+    """An update the agent never got, listed in SUBSCRIBE, goes to the master and is acked."""
+    launch_idle(cluster)
+    first = subscribe(cluster)
+    events(first, 2)
+    first.close()
+    lost = running(executor_id={"value": "ex"})
+    again = EventStream(("127.0.0.1", cluster.agent.port), {
+        "type": "SUBSCRIBE", "framework_id": {"value": "fw-1"}, "executor_id": {"value": "ex"},
+        "subscribe": {"unacknowledged_tasks": [], "unacknowledged_updates": [
+            {"status": lost}, {"status": lost}]}})  # twice: the duplicate is dropped
+    got = events(again, 3)
+    assert got[0]["type"] == "SUBSCRIBED"
+    assert [e["acknowledged"]["uuid"] for e in got[1:3]] == [lost["uuid"]] * 2
+    forwarded = cluster.wait_state("t", "TASK_RUNNING")
+    assert forwarded["uuid"] == lost["uuid"] and forwarded["agent_id"] == {"value": "fake-S0"}
+    assert cluster.master.states("t") == ["TASK_RUNNING"]
+    again.close()

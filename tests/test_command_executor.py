@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from agent_harness import (  # noqa: F401  (fixtures)
@@ -176,3 +177,61 @@ def test_executor_resubscribes_when_its_stream_drops(cluster):
     cluster.wait_state("steady", "TASK_FINISHED")
     assert cluster.master.states("steady") == ["TASK_STARTING", "TASK_RUNNING", "TASK_FINISHED"]
     assert "Re-subscribed" in cluster.read_sandbox("steady", "stderr")
+
+
+# --- task groups, as Mesos's default executor runs them ------------------------------------
+
+
+def _run_group(cluster, executor_id: str, tasks: list[dict]) -> None:
+    executor = {"executor_id": {"value": executor_id}, "type": "DEFAULT",
+                "framework_id": {"value": "fw-1"}}
+    cluster.send(protocol.RunTaskGroup(framework=cluster.framework(), executor=executor,
+                                       task_group={"tasks": tasks}))
+
+
+def test_a_task_that_finishes_leaves_the_rest_of_its_group_running(cluster):
+    """Only TASK_FAILED or TASK_KILLED takes the group down; TASK_FINISHED does not."""
+    _run_group(cluster, "fin", [_group_task(cluster, "f-done", "true"),
+                                _group_task(cluster, "f-long", "sleep 100")])
+    cluster.wait_state("f-done", "TASK_FINISHED")
+    cluster.wait_state("f-long", "TASK_RUNNING")
+    # The finished task's ack has been processed; the other still runs.
+    wait_for(lambda: cluster.executor("fin") is not None and
+             "f-done" not in cluster.executor("fin").tasks, what="f-done to be settled")
+    assert cluster.master.states("f-long") == ["TASK_STARTING", "TASK_RUNNING"]
+    cluster.send(protocol.KillTask(framework_id="fw-1", task_id="f-long"))
+    cluster.wait_state("f-long", "TASK_KILLED")
+
+
+def test_killing_one_task_kills_its_group_each_with_its_own_grace(cluster):
+    """KILL of one task: the others are killed too, each after its own kill policy's grace
+    (a task that ignores SIGTERM lasts its grace period, then SIGKILL)."""
+    stubborn = _group_task(cluster, "k-stubborn", "trap '' TERM; sleep 100")
+    stubborn["kill_policy"] = {"grace_period": {"nanoseconds": int(1.0e9)}}
+    _run_group(cluster, "kgrp", [_group_task(cluster, "k-target", "sleep 100"),
+                                 _group_task(cluster, "k-other", "sleep 100"), stubborn])
+    for tid in ("k-target", "k-other", "k-stubborn"):
+        cluster.wait_state(tid, "TASK_RUNNING")
+    pid = cluster.executor_pid("kgrp")
+    started = time.monotonic()
+    cluster.send(protocol.KillTask(framework_id="fw-1", task_id="k-target"))
+    cluster.wait_state("k-target", "TASK_KILLED")
+    cluster.wait_state("k-other", "TASK_KILLED")
+    other_done = time.monotonic() - started
+    killed = cluster.wait_state("k-stubborn", "TASK_KILLED")
+    assert time.monotonic() - started >= 0.95 > other_done
+    assert killed["message"] == "Command terminated with signal Killed"
+    wait_for(lambda: no_session_left(pid), what="the group's executor to exit")
+
+
+def test_a_failure_in_one_group_leaves_other_groups_on_the_executor_alone(cluster):
+    """Two groups on one default executor: a failure in one kills only that group."""
+    _run_group(cluster, "two", [_group_task(cluster, "a-long", "sleep 100")])
+    cluster.wait_state("a-long", "TASK_RUNNING")
+    _run_group(cluster, "two", [_group_task(cluster, "b-fail", "sleep 0.3; exit 1"),
+                                _group_task(cluster, "b-long", "sleep 100")])
+    cluster.wait_state("b-fail", "TASK_FAILED")
+    cluster.wait_state("b-long", "TASK_KILLED")
+    assert cluster.master.states("a-long") == ["TASK_STARTING", "TASK_RUNNING"]
+    cluster.send(protocol.KillTask(framework_id="fw-1", task_id="a-long"))
+    cluster.wait_state("a-long", "TASK_KILLED")

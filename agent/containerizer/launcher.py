@@ -25,6 +25,8 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from agent.users import RunAs
+
 log = Logger()
 
 #: How long a container may take to empty after SIGKILL before we give up and say so.
@@ -42,6 +44,7 @@ class LaunchSpec:
     stdout: str  # file paths, opened for appending
     stderr: str
     program: str | None = None  # the file to execute, when it differs from argv[0]
+    user: RunAs | None = None  # run as this user (the launcher must be root); None: as we are
 
 
 def wait_status(returncode: int) -> int:
@@ -277,6 +280,11 @@ class PosixLauncher:
 
     def launch(self, container_id: str, spec: LaunchSpec) -> Container:
         """Start `spec`; raises OSError (e.g. ENOENT, EACCES) when it cannot be started."""
+        credentials = {}
+        if spec.user is not None:
+            # setgroups, setgid, setuid in the child, after fork and before exec.
+            credentials = dict(user=spec.user.uid, group=spec.user.gid,
+                               extra_groups=list(spec.user.groups))
         stdout = open(spec.stdout, "ab")
         try:
             stderr = open(spec.stderr, "ab")
@@ -284,7 +292,7 @@ class PosixLauncher:
                 popen = subprocess.Popen(
                     list(spec.argv), executable=spec.program, env=spec.env, cwd=spec.cwd,
                     stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                    close_fds=True, start_new_session=True,
+                    close_fds=True, start_new_session=True, **credentials,
                 )
             finally:
                 stderr.close()

@@ -9,8 +9,20 @@ it is given:
     KILL ──> (TASK_KILLING) ──> SIGTERM to the task's group ──grace──> SIGKILL ──> TASK_KILLED
 
 It exits once every task is terminal and the agent has ACKNOWLEDGED every update (or a few
-seconds later without the agent). LAUNCH_GROUP runs each task of the group side by side in
-the shared sandbox; when one of them fails or is killed, the rest are killed.
+seconds later without the agent).
+
+Task groups (LAUNCH_GROUP) follow Mesos's default executor (`src/launcher/default_executor.cpp`):
+the group's tasks run side by side in the shared sandbox; when one of them ends TASK_FAILED
+or TASK_KILLED, every other running task *of that group* is killed, each with its own kill
+policy's grace period (3 s without one) — a task that finishes successfully leaves the others
+running. Tasks of other groups on the same executor are not touched.
+
+Each task sees, under its CommandInfo's own `environment` (which wins): `MESOS_TASK_ID`,
+`HOST` (the agent's hostname, from our environment), and for its `ports` resources `PORT0`..,
+`PORT` (= PORT0), `PORTS` (comma-separated) and `PORT_<NAME>` for ports its DiscoveryInfo
+names. With `AGORA_SWITCH_USER=1` (set by an agent running as root) the executor stays root
+and starts each task as its user: the task's command `user`, else the executor's, else the
+framework's, with that user's groups and HOME, USER and LOGNAME.
 
 It runs once per task, so its start-up time is part of every launch: it uses the standard
 library only (plain sockets rather than http.client, which alone costs ~20 ms to import)
@@ -23,6 +35,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
+import re
 import select
 import signal
 import socket
@@ -38,6 +52,7 @@ DEFAULT_KILL_GRACE = 3.0  # Mesos: the kill policy's default grace period
 DEFAULT_SHUTDOWN_GRACE = 5.0
 ACK_WAIT = 5.0  # how long to wait for the agent to acknowledge the last update
 CALL_TIMEOUT = 10.0
+SWITCH_USER_VARIABLE = "AGORA_SWITCH_USER"  # "1": start each task as its user (we are root)
 DISCONNECTED_TIMEOUT = 5.0  # how long to look for the agent when not checkpointing
 DEFAULT_RECOVERY_TIMEOUT = 15 * 60.0  # Mesos's --recovery_timeout, when checkpointing
 _DURATION_UNITS = (("weeks", 604800.0), ("days", 86400.0), ("hrs", 3600.0), ("mins", 60.0),
@@ -101,9 +116,11 @@ def environment_variables(command: dict) -> dict:
     return env
 
 
-def task_environment(base: dict, command: dict) -> dict:
-    """The task's environment: ours, minus what we added for ourselves, plus the task's own."""
+def task_environment(base: dict, command: dict, variables: dict | None = None) -> dict:
+    """The task's environment: ours, minus what we added for ourselves, plus `variables`
+    (see `task_variables`), plus the command's own, which win."""
     env = dict(base)
+    env.pop(SWITCH_USER_VARIABLE, None)
     # The agent put our package on PYTHONPATH; the task should not see it (it could shadow
     # a user's own modules named `agent` or `agora`).
     if "AGORA_TASK_PYTHONPATH" in env:
@@ -112,8 +129,60 @@ def task_environment(base: dict, command: dict) -> dict:
             env["PYTHONPATH"] = original
         else:
             env.pop("PYTHONPATH", None)
+    env.update(variables or {})
     env.update(environment_variables(command))
     return env
+
+
+def port_numbers(resources) -> list[int]:
+    """The port numbers of a task's `ports` RANGES resources, in the order given."""
+    ports = []
+    for r in resources or []:
+        if not isinstance(r, dict) or r.get("name") != "ports" or r.get("type") != "RANGES":
+            continue
+        for rng in (r.get("ranges") or {}).get("range") or []:
+            begin, end = rng.get("begin"), rng.get("end")
+            if isinstance(begin, int) and isinstance(end, int) and begin <= end:
+                ports.extend(range(begin, end + 1))
+    return ports
+
+
+def task_variables(info: dict) -> dict:
+    """MESOS_TASK_ID, PORT0.., PORT, PORTS and PORT_<NAME> for a TaskInfo (HOST comes from
+    the agent, in the executor's own environment)."""
+    env = {"MESOS_TASK_ID": info["task_id"]["value"]}
+    ports = port_numbers(info.get("resources"))
+    for i, port in enumerate(ports):
+        env[f"PORT{i}"] = str(port)
+    if ports:
+        env["PORT"] = str(ports[0])
+        env["PORTS"] = ",".join(str(p) for p in ports)
+    discovery = info.get("discovery") if isinstance(info.get("discovery"), dict) else {}
+    for port in (discovery.get("ports") or {}).get("ports") or []:
+        if isinstance(port, dict) and isinstance(port.get("name"), str) and port["name"] \
+                and port.get("number") in ports:
+            env["PORT_" + re.sub(r"[^A-Z0-9_]", "_", port["name"].upper())] = str(port["number"])
+    return env
+
+
+def task_user(task: dict | None, executor: dict | None, framework: dict | None) -> str | None:
+    """Who a task runs as (Mesos's rule): its command's `user`, else its executor's command's,
+    else the framework's; None when none names one."""
+    for info in (task, executor):
+        command = info.get("command") if isinstance(info, dict) else None
+        user = command.get("user") if isinstance(command, dict) else None
+        if isinstance(user, str) and user:
+            return user
+    user = framework.get("user") if isinstance(framework, dict) else None
+    return user if isinstance(user, str) and user else None
+
+
+def credentials(user: str) -> tuple[dict, dict]:
+    """(Popen keyword arguments, login environment) to run as `user`; KeyError if unknown."""
+    entry = pwd.getpwnam(user)
+    groups = sorted(set(os.getgrouplist(user, entry.pw_gid)))
+    return ({"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups},
+            {"HOME": entry.pw_dir, "USER": user, "LOGNAME": user})
 
 
 def command_argv(command: dict) -> tuple[list[str], str | None]:
@@ -310,7 +379,9 @@ class CommandExecutor:
                                                    DEFAULT_RECOVERY_TIMEOUT)
         else:
             self.recovery_timeout = DISCONNECTED_TIMEOUT
+        self.switch_user = env.get(SWITCH_USER_VARIABLE) == "1"
         self.framework_info: dict = {}
+        self.executor_info: dict = {}
         self.tasks: dict[str, Task] = {}
         self.unacked: dict[str, dict] = {}  # uuid -> status sent but not acknowledged
         self.stream: EventStream | None = None
@@ -459,6 +530,7 @@ class CommandExecutor:
         payload = event.get(str(kind).lower()) or {}
         if kind == "SUBSCRIBED":
             self.framework_info = payload.get("framework_info") or {}
+            self.executor_info = payload.get("executor_info") or {}
             if self.subscribed:
                 log("Re-subscribed to the agent")
             self.subscribed = True
@@ -506,15 +578,30 @@ class CommandExecutor:
         command = task.info.get("command") or {}
         try:
             argv, program = command_argv(command)
-            env = task_environment(self.env, command)
-            log(f"Starting task {task.task_id}: {' '.join(argv)}")
+            env = task_environment(self.env, command, task_variables(task.info))
+            as_user, user = {}, None
+            if self.switch_user:
+                user = task_user(task.info, self.executor_info, self.framework_info)
+            if user is not None:
+                try:
+                    as_user, login = credentials(user)
+                except KeyError:
+                    task.terminal = True
+                    self.update(task, "TASK_FAILED", f"user '{user}' does not exist",
+                                "REASON_CONTAINER_LAUNCH_FAILED")
+                    self.after_terminal(task)
+                    return
+                env.update(login)
+                env.update(environment_variables(command))  # the command's own still win
+            log(f"Starting task {task.task_id}" + (f" as {user}" if user else "") +
+                f": {' '.join(argv)}")
             try:
                 proc = subprocess.Popen(argv, executable=program, env=env, process_group=0,
-                                        stdin=subprocess.DEVNULL, close_fds=True)
+                                        stdin=subprocess.DEVNULL, close_fds=True, **as_user)
             except TypeError:  # Python < 3.11 has no process_group
                 proc = subprocess.Popen(argv, executable=program, env=env,
                                         preexec_fn=os.setpgrp, stdin=subprocess.DEVNULL,
-                                        close_fds=True)
+                                        close_fds=True, **as_user)
         except (OSError, ValueError) as e:
             task.terminal = True
             self.update(task, "TASK_FAILED", f"Failed to launch the command: {e}",

@@ -12,17 +12,29 @@ from master.api import views
 from master.master import CallError, Master
 
 
+#: Calls any master answers itself; a follower redirects every other call to the leader.
+_LOCAL_CALLS = frozenset(("GET_HEALTH", "GET_VERSION", "GET_FLAGS"))
+
+
 class OperatorAPI:
     """The handler for `/api/v1`."""
 
-    def __init__(self, master: Master):
+    def __init__(self, master: Master, leader=None):
         self.master = master
+        self.leader = leader  # callable -> (is_leader, "host:port" of the leader or None)
 
     def __call__(self, request):
         call = request.json()
         if not isinstance(call, dict) or not isinstance(call.get("type"), str):
             raise HTTPError(400, "Expecting 'type' to be present")
         kind = call["type"]
+        if self.leader is not None and kind not in _LOCAL_CALLS:
+            leading, where = self.leader()
+            if not leading:
+                if where:
+                    raise HTTPError(307, "Not the leading master",
+                                    headers={"Location": f"//{where}{request.path}"})
+                raise HTTPError(503, "No leader elected")
         if kind == "SUBSCRIBE":
             return StreamingResponse(start=self._subscribe)
         action = _ACTIONS.get(kind)

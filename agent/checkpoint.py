@@ -1,0 +1,227 @@
+"""Checkpoints under the agent's work dir: status update journals, written so no crash tears them.
+
+    <work_dir>/meta/slaves/<agent_id>/frameworks/<framework_id>/executors/<executor_id>/
+        runs/<container_id>/tasks/<task_id>/task.updates
+
+The layout is Mesos's (`src/slave/paths.cpp`). A `task.updates` file is the task's stream as
+a journal, one JSON record per line, as Mesos's `StatusUpdateRecord`s:
+
+    {"type": "UPDATE", "update": {"framework_id": {"value": ...}, "status": TaskStatus}}
+    {"type": "ACK", "uuid": "<base64 of the acknowledged update's uuid>"}
+
+Mesos appends to the file; here every change rewrites it whole through `atomic_write`
+(temporary file, fsync, rename, fsync of the directory), so a reader sees the old journal
+or the new one, never half a record. Journals are short: a task has a handful of updates.
+
+`replay` folds a journal into what is still unacknowledged; `recover_status_updates` reads
+every journal of an agent. Both only read; the agent decides what to do with the result.
+Only frameworks with `checkpoint: true` are journaled (as in Mesos): an fsync per update is
+the price, and only a framework that asked for recovery can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import attrs
+
+from agora import mesos_json as mj
+
+from agent import sandbox
+
+META = "meta"
+UPDATES_FILE = "task.updates"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read back (corrupt or not ours); says which and why."""
+
+
+def meta_dir(work_dir: str, agent_id: str) -> str:
+    """Where an agent's checkpoints live."""
+    return os.path.join(work_dir, META, "slaves", sandbox.check_id("agent id", agent_id))
+
+
+def meta_run_dir(work_dir: str, agent_id: str, framework_id: str, executor_id: str,
+                 container_id: str) -> str:
+    """The checkpoint directory of one executor run (Mesos: getExecutorRunPath under meta)."""
+    return os.path.join(meta_dir(work_dir, agent_id),
+                        "frameworks", sandbox.check_id("framework id", framework_id),
+                        "executors", sandbox.check_id("executor id", executor_id),
+                        "runs", sandbox.check_id("container id", container_id))
+
+
+def task_updates_path(work_dir: str, agent_id: str, framework_id: str, executor_id: str,
+                      container_id: str, task_id: str) -> str:
+    """The journal of one task's status updates."""
+    return os.path.join(meta_run_dir(work_dir, agent_id, framework_id, executor_id,
+                                     container_id),
+                        "tasks", sandbox.check_id("task id", task_id), UPDATES_FILE)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new content.
+
+    Temporary file in the same directory, fsync, rename over `path`, fsync the directory
+    (the rename itself must survive too). Creates missing parent directories.
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class TaskUpdates:
+    """The journal of one task's stream, kept in memory and rewritten on every change."""
+
+    def __init__(self, path: str, records: list[dict] | None = None):
+        self.path = path
+        self.records: list[dict] = list(records or [])
+        self._uuids = {r["update"]["status"]["uuid"] for r in self.records
+                       if r.get("type") == "UPDATE"}
+
+    def update(self, framework_id: str, status: dict) -> bool:
+        """Journal an update taken into the stream; False (nothing written) if it is known."""
+        if status["uuid"] in self._uuids:
+            return False
+        self._uuids.add(status["uuid"])
+        self.records.append({"type": "UPDATE", "update": {
+            "framework_id": mj.ident(framework_id), "status": status}})
+        self._write()
+        return True
+
+    def ack(self, uuid: str) -> None:
+        """Journal the acknowledgement of `uuid`."""
+        self.records.append({"type": "ACK", "uuid": uuid})
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write(self.path, encode(self.records))
+
+
+def encode(records: list[dict]) -> bytes:
+    return b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in records)
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a journal; CheckpointError if a line is not a record."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if record.get("type") == "UPDATE":
+                status = record["update"]["status"]
+                mj.id_of(status, "task_id")
+                if not isinstance(status.get("uuid"), str):
+                    raise ValueError("the status has no uuid")
+            elif record.get("type") != "ACK" or not isinstance(record.get("uuid"), str):
+                raise ValueError("neither an UPDATE nor an ACK record")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}, line {number}: not a status update record "
+                                  f"({e})") from None
+        records.append(record)
+    return records
+
+
+@attrs.frozen
+class Replayed:
+    """A journal folded: the updates still waiting for an ack, in order."""
+
+    pending: tuple[dict, ...]  # TaskStatus dicts, oldest first
+    terminal_acked: bool  # the stream is over: its terminal update was acknowledged
+
+
+def replay(records: list[dict]) -> Replayed:
+    """Apply the journal's records in order, with the stream's own rules (Mesos's replay):
+    a repeated uuid is ignored, an ACK releases the head only if it names it."""
+    queue: list[dict] = []
+    seen: set[str] = set()
+    terminal_acked = False
+    for record in records:
+        if record["type"] == "UPDATE":
+            status = record["update"]["status"]
+            if status["uuid"] not in seen:
+                seen.add(status["uuid"])
+                queue.append(status)
+        elif queue and queue[0]["uuid"] == record["uuid"]:
+            acked = queue.pop(0)
+            terminal_acked = terminal_acked or mj.is_terminal(acked.get("state", ""))
+    return Replayed(pending=tuple(queue), terminal_acked=terminal_acked)
+
+
+@attrs.frozen
+class RecoveredStream:
+    """One task's journal found on disk, and what it still owes the master."""
+
+    framework_id: str
+    executor_id: str
+    container_id: str
+    task_id: str
+    path: str
+    records: tuple[dict, ...]
+    pending: tuple[dict, ...]
+    terminal_acked: bool
+
+
+def recover_status_updates(work_dir: str, agent_id: str
+                           ) -> tuple[list[RecoveredStream], list[str]]:
+    """Every task journal of `agent_id` under `work_dir`: (streams, errors).
+
+    A journal that cannot be read is reported in `errors` (one line each) and skipped; the
+    rest are still recovered. Order: by framework, executor, run and task id.
+    """
+    root = os.path.join(meta_dir(work_dir, agent_id), "frameworks")
+    streams, errors = [], []
+    for fid in _listdir(root):
+        executors = os.path.join(root, fid, "executors")
+        for eid in _listdir(executors):
+            runs = os.path.join(executors, eid, "runs")
+            for cid in _listdir(runs):
+                if cid == sandbox.LATEST:
+                    continue
+                tasks = os.path.join(runs, cid, "tasks")
+                for tid in _listdir(tasks):
+                    path = os.path.join(tasks, tid, UPDATES_FILE)
+                    if not os.path.exists(path):
+                        continue
+                    try:
+                        records = read_records(path)
+                    except CheckpointError as e:
+                        errors.append(str(e))
+                        continue
+                    state = replay(records)
+                    streams.append(RecoveredStream(
+                        framework_id=fid, executor_id=eid, container_id=cid, task_id=tid,
+                        path=path, records=tuple(records), pending=state.pending,
+                        terminal_acked=state.terminal_acked))
+    return streams, errors
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(name for name in os.listdir(path) if not name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
