@@ -15,14 +15,20 @@ Life of a launch: `_add_tasks` → `_launch`: user check, sandbox, files attache
 thread, only when there are URIs) → `_start_container`. An executor that is shut down while
 its URIs are fetched ends at once ("never started"); the fetch's result is then ignored.
 
-Seams for what comes later: full agent recovery (the books; the update journals are already
-read back on registration, `_recover_updates`), isolators and images (the launcher spec), a
-cgroups usage function (the `usage` argument).
+Recovery (`_recover_books`, before the agent listens): the books of checkpointing frameworks
+come back from `meta/` (agent.checkpoint), live executors are re-attached and re-subscribe,
+the tasks of dead ones fail; `--recover cleanup` kills them instead and starts afresh. With a
+`zk://` master the leader is followed (agent.master_detector).
+
+Seams for what comes later: isolators and images (the launcher spec), a cgroups usage
+function (the `usage` argument).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import sys
 import threading
@@ -40,6 +46,8 @@ from agora import mesos_json as mj
 from agora import protocol
 from agora.http import HTTPError, HTTPFactory, Router, Stream, listen
 from agora.recordio import encode_json
+from agora.resources import Resources
+from agora.zookeeper import ZkUrl
 
 import agent as _agent_package
 from agent import checkpoint, monitor, sandbox, users
@@ -47,12 +55,15 @@ from agent import files as sandbox_files
 from agent import gc as sandbox_gc
 from agent import state as st
 from agent.containerizer.launcher import LaunchSpec, PosixLauncher, describe_status
+from agent.containerizer.launcher import recover as launcher_recover
+from agent.containerizer.launcher import signal_session
 from agent.detect import detect_resources, parse_attributes
 from agent.endpoints import AgentEndpoints
 from agent.executor_api import ExecutorAPI, validate_status
 from agent.executors.command import (
     SWITCH_USER_VARIABLE, command_argv, environment_variables, task_user)
 from agent.fetcher import FetchError, Fetcher
+from agent.master_detector import ZooKeeperMaster, parse_master
 from agent.master_link import MasterLink
 from agent.status_updates import StatusUpdates
 
@@ -65,12 +76,17 @@ STOP_GRACE = 1.0  # on agent stop: SIGTERM, then SIGKILL after this long
 RECOVERY_TIMEOUT = "15mins"  # what checkpointing executors are told (Mesos's default)
 EXECUTOR_HEARTBEAT_INTERVAL = 30 * 60.0  # Mesos: DEFAULT_EXECUTOR_HEARTBEAT_INTERVAL
 FETCHER_CACHE_SIZE = 2 * 1024**3  # Mesos: --fetcher_cache_size=2GB
+RECOVER_MODES = ("reconnect", "cleanup")
+
+
+class RecoveryError(Exception):
+    """The work dir's checkpoint cannot be recovered by this agent; says why and what to do."""
 
 
 class Agent:
     """An agent process's core: see the module docstring. Runs in the reactor thread."""
 
-    def __init__(self, reactor, *, master: tuple[str, int], work_dir: str,
+    def __init__(self, reactor, *, master, work_dir: str,
                  ip: str = "127.0.0.1", port: int = 5051, hostname: str | None = None,
                  resources: str | None = None, attributes: str | None = None,
                  secret: bytes | None = None, status_update_retry: float = 10.0,
@@ -83,12 +99,29 @@ class Agent:
                  disk_watch_interval: float = sandbox_gc.DEFAULT_INTERVAL,
                  disk_usage=None, switch_user: bool = True,
                  executor_heartbeat_interval: float = EXECUTOR_HEARTBEAT_INTERVAL,
-                 usage: monitor.UsageFunction | None = None):
+                 usage: monitor.UsageFunction | None = None,
+                 zk_session_timeout: float = 10.0, recover: str = "reconnect",
+                 executor_reregistration_timeout: float = 10.0):
         """`disk_usage()` (the used fraction of the work dir's disk, for the sandbox
         collector) and `usage(containers)` (see `agent.monitor`) replace the host-reading
-        defaults, for tests and for containerizers that measure better."""
+        defaults, for tests and for containerizers that measure better. `master` is
+        `(host, port)` or a `zk://` URL (str or ZkUrl): then the leader is followed."""
         self.reactor = reactor
-        self.master_address = (master[0], int(master[1]))
+        if isinstance(master, str):
+            master = parse_master(master)
+        if isinstance(master, ZkUrl):
+            self.master_zk: ZkUrl | None = master
+            self.master_address = (None, None)
+        else:
+            self.master_zk = None
+            self.master_address = (master[0], int(master[1]))
+        self.zk_session_timeout = zk_session_timeout
+        if recover not in RECOVER_MODES:
+            raise ValueError(f"recover must be one of {', '.join(RECOVER_MODES)}")
+        self.recover = recover
+        self.executor_reregistration_timeout = executor_reregistration_timeout
+        self._agent_checkpointed = False  # meta/agent.json written for the current id
+        self.detector: ZooKeeperMaster | None = None
         self.work_dir = os.path.abspath(work_dir)
         self.ip = ip
         # What executors and the master are told to connect to: a wildcard is not an address.
@@ -156,6 +189,7 @@ class Agent:
             router.add(*route)
         factory = HTTPFactory(router, reactor=self.reactor, server_name="Agora agent")
         try:
+            self._recover_books()
             self.fetcher = Fetcher(self.fetcher_cache_dir, self.fetcher_cache_size)
             self._listening = listen(self.reactor, self.port, factory, self.ip)
         except Exception:
@@ -170,7 +204,15 @@ class Agent:
             self._heartbeat.clock = self.reactor
             self._heartbeat.start(self.executor_heartbeat_interval, now=False)
         self.link.start()
+        if self.master_zk is not None:
+            self.detector = ZooKeeperMaster(self.reactor, self.master_zk, self._leader,
+                                            session_timeout=self.zk_session_timeout)
+            self.detector.start()
         return succeed(self)
+
+    def _leader(self, host: str | None, port: int | None) -> None:
+        self.master_address = (host, port)
+        self.link.set_master(host, port)
 
     def stop(self, grace: float = STOP_GRACE) -> Deferred:
         """Kill every container (SIGTERM, SIGKILL after `grace`), close the link and the port.
@@ -179,6 +221,8 @@ class Agent:
         """
         self._stopping = True
         waits = [self.link.stop(), self.gc.stop()]
+        if self.detector is not None:
+            waits.append(self.detector.stop())
         self.updates.stop()
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
@@ -200,7 +244,8 @@ class Agent:
     def flags(self) -> dict:
         """The configuration, as /flags and /state show it (strings, like Mesos)."""
         return {
-            "master": "%s:%d" % self.master_address, "work_dir": self.work_dir,
+            "master": str(self.master_zk) if self.master_zk else "%s:%d" % self.master_address,
+            "work_dir": self.work_dir,
             "ip": self.ip, "port": str(self.port), "hostname": self.hostname,
             "resources": self.resources_text or "", "attributes": self.attributes_text or "",
             "authenticatee": "shared_secret" if self.secret else "none",
@@ -215,6 +260,9 @@ class Agent:
             "gc_disk_headroom": str(self.gc.headroom),
             "disk_watch_interval": mj.format_duration(self.gc.interval),
             "switch_user": "true" if self.switch_user else "false",
+            "recover": self.recover,
+            "executor_reregistration_timeout": mj.format_duration(
+                self.executor_reregistration_timeout),
             "python": self.python, "version": mj.MESOS_VERSION,
         }
 
@@ -255,6 +303,8 @@ class Agent:
             log.info("Re-registered with master {mid} as agent {aid}", mid=msg.master_id,
                      aid=msg.agent_id)
         first = self.agent_id is None
+        if msg.agent_id != self.agent_id:
+            self._agent_checkpointed = False
         self.agent_id = msg.agent_id
         self.master_id = msg.master_id
         if first:
@@ -302,6 +352,8 @@ class Agent:
             fid = mj.id_of(msg.framework, "id", required=False)
             if fid in self.frameworks:
                 self.frameworks[fid].update_info(msg.framework)
+                if self.frameworks[fid].checkpoint:
+                    self._checkpoint_framework(self.frameworks[fid], force=True)
         else:
             log.warn("Unexpected {kind} from the master", kind=kind.__name__)
 
@@ -426,6 +478,13 @@ class Agent:
         for record in fresh:
             executor.tasks[record.task_id] = record
         entry = (how, [t.task_id for t in fresh])
+        if fw.checkpoint:
+            self._checkpoint_framework(fw)
+            if new:
+                self._checkpoint(checkpoint.executor_meta_dir, (fw.framework_id, eid),
+                                 checkpoint.EXECUTOR_FILE, {"info": info, "kind": kind})
+            else:
+                self._checkpoint_tasks(fw, executor, [entry])
         if new:
             executor.queue.append(entry)
             self._launch(fw, executor)
@@ -469,6 +528,8 @@ class Agent:
     def _launch(self, fw: st.Framework, executor: st.Executor) -> None:
         """Check the user, create the sandbox, fetch the URIs, then start the container."""
         executor.container_id = str(uuid.uuid4())
+        if fw.checkpoint:
+            self._checkpoint_tasks(fw, executor, executor.queue)
         directory = None
         try:
             run_as = self._run_as(fw, executor)
@@ -538,6 +599,12 @@ class Agent:
             self._launch_failed(fw, executor, f"Failed to launch the container: {e}")
             return
         executor.container = container
+        if fw.checkpoint:
+            self._checkpoint(checkpoint.meta_run_dir, (fw.framework_id, executor.executor_id,
+                                                       executor.container_id),
+                             checkpoint.RUN_FILE,
+                             {"pid": container.pid, "directory": directory,
+                              "start_ticks": checkpoint.process_start_ticks(container.pid)})
         log.info("Launched executor {eid} of framework {fid} (pid {pid}) in {dir}",
                  eid=executor.executor_id, fid=fw.framework_id, pid=container.pid, dir=directory)
         container.exited.addCallback(
@@ -830,6 +897,8 @@ class Agent:
                 log.warn("Dropping {state} for task {tid}: it already is {terminal}",
                          state=status.get("state"), tid=task.task_id, terminal=task.state)
             return False
+        if any(s.get("uuid") == status.get("uuid") for s in task.statuses):
+            return False  # taken before (an executor re-sends it after an agent restart)
         # (A checkpointing framework's update is journaled inside `update`, before it is sent.)
         if not self.updates.update(executor.framework_id, status):
             return False  # a duplicate
@@ -912,6 +981,191 @@ class Agent:
             log.error("Cannot checkpoint an acknowledgement for task {tid}: {e}", tid=tid, e=e)
         if mj.is_terminal(status.get("state", "")):
             del self._journals[(fid, tid)]
+
+    def _checkpoint(self, where, ids: tuple, name: str, value) -> bool:
+        """Write `value` as `name` in the checkpoint directory `where(work_dir, agent_id,
+        *ids)`, atomically; False (logged, counted) if it cannot be written."""
+        if not self.agent_id:
+            return False
+        try:
+            checkpoint.write_json(os.path.join(where(self.work_dir, self.agent_id, *ids), name),
+                                  value)
+            return True
+        except (OSError, ValueError) as e:
+            self.metrics["checkpoint_errors"] += 1
+            log.error("Cannot checkpoint {name} of {ids}: {e}", name=name, ids=ids, e=e)
+            return False
+
+    def _checkpoint_framework(self, fw: st.Framework, force: bool = False) -> None:
+        if not self.agent_id:
+            return
+        if not self._agent_checkpointed:
+            try:
+                checkpoint.write_json(checkpoint.agent_path(self.work_dir), {
+                    "agent_id": self.agent_id, "hostname": self.hostname, "port": self.port,
+                    "resources": self.resources.to_json(), "attributes": self.attributes})
+                self._agent_checkpointed = True
+            except OSError as e:
+                self.metrics["checkpoint_errors"] += 1
+                log.error("Cannot checkpoint the agent's info: {e}", e=e)
+        if force or not fw.checkpointed:
+            fw.checkpointed = self._checkpoint(checkpoint.framework_dir, (fw.framework_id,),
+                                               checkpoint.FRAMEWORK_FILE, fw.info)
+
+    def _checkpoint_tasks(self, fw: st.Framework, executor: st.Executor, entries) -> None:
+        if not executor.container_id:
+            return
+        for how, ids in entries:
+            for tid in ids:
+                task = executor.tasks.get(tid)
+                if task is not None:
+                    self._checkpoint(checkpoint.meta_run_dir,
+                                     (fw.framework_id, executor.executor_id,
+                                      executor.container_id),
+                                     os.path.join("tasks", tid, checkpoint.TASK_FILE),
+                                     {"info": task.info, "how": how})
+
+    # --- recovery ------------------------------------------------------------------------
+
+    def _recover_books(self) -> None:
+        """Take back what an earlier agent process checkpointed in this work dir
+        (`--recover reconnect`), or kill what it left running and start afresh (`cleanup`).
+        RecoveryError when the checkpoint is not this agent's to recover."""
+        hint = ("restart with --recover cleanup to kill what it left running and start as a "
+                "new agent, or use another --work-dir")
+        try:
+            found = checkpoint.recover_agent(self.work_dir)
+        except checkpoint.CheckpointError as e:
+            raise RecoveryError(f"cannot recover the agent: {e}; {hint}") from None
+        if found is None:
+            return
+        for error in found.errors:
+            log.error("Skipping an unreadable checkpoint: {error}", error=error)
+        if self.recover == "cleanup":
+            self._cleanup(found)
+            return
+        saved = found.agent
+        mismatches = []
+        if saved.get("resources") != self.resources.to_json():
+            try:
+                before = str(Resources.from_json(saved.get("resources")))
+            except (ValueError, TypeError):
+                before = "?"
+            mismatches.append(f"resources {before!r} (now {str(self.resources)!r})")
+        if saved.get("attributes") != self.attributes:
+            mismatches.append("attributes")
+        if self.port and saved.get("port") and saved["port"] != self.port:
+            mismatches.append(f"port {saved['port']} (now {self.port}; its executors would "
+                              "not find this one)")
+        if mismatches:
+            raise RecoveryError(
+                f"the checkpoint in {os.path.join(self.work_dir, checkpoint.META)} belongs to "
+                f"agent {saved['agent_id']} with another configuration: "
+                f"{'; '.join(mismatches)}; {hint}")
+        self.agent_id = saved["agent_id"]
+        self._agent_checkpointed = True
+        if not self.port and saved.get("port"):
+            self.port = saved["port"]  # executors connect back to where they were started
+        dead = []
+        count = 0
+        for fid, recovered_fw in found.frameworks.items():
+            fw = self.frameworks[fid] = st.Framework(recovered_fw.info)
+            fw.checkpointed = True
+            for eid, recovered in recovered_fw.executors.items():
+                executor = self._recover_executor(fw, eid, recovered)
+                count += 1
+                if executor.container is None:
+                    dead.append(executor)
+        log.info("Recovered agent {aid}: {f} framework(s), {e} executor(s), {d} of them gone",
+                 aid=self.agent_id, f=len(found.frameworks), e=count, d=len(dead))
+        for executor in dead:
+            executor.termination = ("TASK_FAILED", "REASON_EXECUTOR_TERMINATED",
+                                    "The executor ended while the agent was down")
+            self._executor_ended(executor.framework_id, executor, None,
+                                 "ended while the agent was down")
+
+    def _recover_executor(self, fw: st.Framework, eid: str, recovered) -> st.Executor:
+        fid = fw.framework_id
+        run = recovered.run
+        executor = fw.executors[eid] = st.Executor(recovered.info, fid, recovered.kind)
+        executor.container_id = run.container_id
+        executor.directory = run.directory
+        if run.directory and os.path.isdir(run.directory):
+            self._attach(fw, executor, run.directory)
+        staging: dict[str, list[str]] = {}
+        for tid, recovered_task in run.tasks.items():
+            task = st.Task(recovered_task.info, fid, eid)
+            for record in recovered_task.records:
+                if record["type"] == "UPDATE":
+                    status = record["update"]["status"]
+                    if all(s.get("uuid") != status["uuid"] for s in task.statuses):
+                        task.statuses.append(status)
+                        task.state = status["state"]
+            replayed = checkpoint.replay(list(recovered_task.records))
+            if replayed.terminal_acked:
+                executor.completed_tasks.append(task)
+                continue
+            executor.tasks[tid] = task
+            task.delivered = task.state != "TASK_STAGING"
+            if not task.delivered:
+                staging.setdefault(recovered_task.how, []).append(tid)
+            path = checkpoint.task_updates_path(self.work_dir, self.agent_id, fid, eid,
+                                                run.container_id, tid)
+            self._journals[(fid, tid)] = checkpoint.TaskUpdates(path,
+                                                                list(recovered_task.records))
+            for status in replayed.pending:
+                self.updates.update(fid, status)
+        for how, ids in staging.items():
+            if how == "group":
+                executor.queue.append((how, ids))
+            else:
+                executor.queue.extend((how, [tid]) for tid in ids)
+        container = None
+        if run.pid:
+            container = launcher_recover(self.reactor, run.container_id, run.pid,
+                                         run.start_ticks, checkpoint.process_start_ticks)
+        if container is not None:
+            executor.container = container
+            executor.state = st.RUNNING
+            container.exited.addCallback(
+                lambda status: self._executor_ended(fid, executor, status))
+            executor.registration_timer = self.reactor.callLater(
+                self.executor_reregistration_timeout, self._reregistration_timed_out, executor)
+            log.info("Recovered executor {eid} of framework {fid} (pid {pid}); waiting for it "
+                     "to re-subscribe", eid=eid, fid=fid, pid=run.pid)
+        return executor
+
+    def _reregistration_timed_out(self, executor: st.Executor) -> None:
+        executor.registration_timer = None
+        if executor.connected or executor.state == st.TERMINATED:
+            return
+        timeout = mj.format_duration(self.executor_reregistration_timeout)
+        log.warn("Recovered executor {eid} did not re-subscribe within {t}; killing it",
+                 eid=executor.executor_id, t=timeout)
+        executor.termination = ("TASK_FAILED", "REASON_EXECUTOR_REREGISTRATION_TIMEOUT",
+                                f"Executor did not re-register within {timeout}")
+        executor.state = st.TERMINATING
+        executor.container.destroy(0)
+
+    def _cleanup(self, found) -> None:
+        """`--recover cleanup`: kill every executor an earlier agent left running, forget
+        its checkpoint, and register as a new agent."""
+        killed = 0
+        for recovered_fw in found.frameworks.values():
+            for recovered in recovered_fw.executors.values():
+                run = recovered.run
+                if not run.pid:
+                    continue
+                container = launcher_recover(self.reactor, run.container_id, run.pid,
+                                             run.start_ticks, checkpoint.process_start_ticks)
+                if container is not None:
+                    signal_session(run.pid, signal.SIGKILL)
+                    container.destroy(0)
+                    killed += 1
+        shutil.rmtree(os.path.join(self.work_dir, checkpoint.META), ignore_errors=True)
+        log.warn("--recover cleanup: killed {n} executor(s) of agent {aid} and dropped its "
+                 "checkpoint; registering as a new agent", n=killed,
+                 aid=found.agent["agent_id"])
 
     def _recover_updates(self) -> None:
         """Take back the unacknowledged updates journaled under this agent id (a restart
@@ -1051,7 +1305,8 @@ class Agent:
         if not fw.executors:
             self._forget_framework(fw)
 
-    def _executor_ended(self, fid: str, executor: st.Executor, status: int | None) -> None:
+    def _executor_ended(self, fid: str, executor: st.Executor, status: int | None,
+                        what: str | None = None) -> None:
         """The executor's process is gone (or never started): settle its tasks."""
         self._cancel_timers(executor)
         executor.state = st.TERMINATED
@@ -1060,7 +1315,14 @@ class Agent:
         if executor.stream is not None:
             stream, executor.stream = executor.stream, None
             stream.close()
-        what = describe_status(status) if status is not None else "never started"
+        if what is not None:
+            pass
+        elif status is None:
+            what = "never started"
+        elif not getattr(executor.container, "status_known", True):
+            what = "exited (its status is unknown: it outlived an earlier agent process)"
+        else:
+            what = describe_status(status)
         log.info("Executor {eid} of framework {fid} {what}", eid=executor.executor_id, fid=fid,
                  what=what)
         if executor.termination is not None:
@@ -1094,6 +1356,10 @@ class Agent:
         if fw.executors.get(executor.executor_id) is executor:
             del fw.executors[executor.executor_id]
             fw.completed_executors.append(executor)
+            if fw.checkpoint and executor.container_id and not self._stopping:
+                self._checkpoint(checkpoint.meta_run_dir,
+                                 (fw.framework_id, executor.executor_id,
+                                  executor.container_id), checkpoint.COMPLETED_FILE, {})
             self._schedule_gc(executor)
         if not fw.executors and (fw.terminating or not self._stopping):
             self._forget_framework(fw)

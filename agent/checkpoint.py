@@ -225,3 +225,170 @@ def _listdir(path: str) -> list[str]:
         return sorted(name for name in os.listdir(path) if not name.startswith("."))
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+# --- the agent's books -----------------------------------------------------------------------
+#
+#   <work_dir>/meta/agent.json                                  id, hostname, port, resources
+#   meta/slaves/<agent>/frameworks/<fw>/framework.info          FrameworkInfo
+#       .../executors/<ex>/executor.info                        {"info": ExecutorInfo, "kind"}
+#       .../executors/<ex>/runs/<container>/run.json            {pid, start_ticks, directory}
+#       .../runs/<container>/completed                          the run is over and forgotten
+#       .../runs/<container>/tasks/<task>/task.info             {"info": TaskInfo, "how"}
+#
+# Written only for frameworks with `checkpoint: true`, as Mesos does: the others' executors
+# give up on their own once the agent is gone (a few seconds), so there is nothing to recover.
+
+AGENT_FILE = "agent.json"
+FRAMEWORK_FILE = "framework.info"
+EXECUTOR_FILE = "executor.info"
+RUN_FILE = "run.json"
+COMPLETED_FILE = "completed"
+TASK_FILE = "task.info"
+
+
+def agent_path(work_dir: str) -> str:
+    return os.path.join(work_dir, META, AGENT_FILE)
+
+
+def framework_dir(work_dir: str, agent_id: str, framework_id: str) -> str:
+    return os.path.join(meta_dir(work_dir, agent_id), "frameworks",
+                        sandbox.check_id("framework id", framework_id))
+
+
+def executor_meta_dir(work_dir: str, agent_id: str, framework_id: str,
+                      executor_id: str) -> str:
+    return os.path.join(framework_dir(work_dir, agent_id, framework_id), "executors",
+                        sandbox.check_id("executor id", executor_id))
+
+
+def task_info_path(work_dir: str, agent_id: str, framework_id: str, executor_id: str,
+                   container_id: str, task_id: str) -> str:
+    return os.path.join(meta_run_dir(work_dir, agent_id, framework_id, executor_id,
+                                     container_id),
+                        "tasks", sandbox.check_id("task id", task_id), TASK_FILE)
+
+
+def write_json(path: str, value) -> None:
+    atomic_write(path, json.dumps(value, separators=(",", ":")).encode())
+
+
+def read_json(path: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not JSON: {e}") from None
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot, /proc/<pid>/stat field 22), or None if it
+    is gone or a zombie. A pid with another start time is another process (pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+@attrs.frozen
+class RecoveredTask:
+    info: dict
+    how: str  # "task" or "group": how it is delivered to its executor
+    records: tuple[dict, ...]  # its status update journal (empty if none)
+
+
+@attrs.frozen
+class RecoveredRun:
+    container_id: str
+    pid: int | None  # None: the agent went before the container started
+    start_ticks: int | None
+    directory: str | None
+    tasks: dict  # task id -> RecoveredTask
+
+
+@attrs.frozen
+class RecoveredExecutor:
+    info: dict
+    kind: str
+    run: RecoveredRun | None  # the run not yet completed; None if every run is over
+
+
+@attrs.frozen
+class RecoveredFramework:
+    info: dict
+    executors: dict  # executor id -> RecoveredExecutor
+
+
+@attrs.frozen
+class RecoveredAgent:
+    """What a work dir's checkpoint holds: the agent and its live books."""
+
+    agent: dict  # {agent_id, hostname, port, resources, attributes}
+    frameworks: dict  # framework id -> RecoveredFramework
+    errors: tuple[str, ...]  # checkpoints that could not be read (skipped)
+
+
+def recover_agent(work_dir: str) -> RecoveredAgent | None:
+    """The checkpointed books under `work_dir`, or None if there is no agent checkpoint.
+    CheckpointError if `meta/agent.json` itself is unreadable; anything below it that cannot
+    be read is skipped and reported in `errors`."""
+    if not os.path.exists(agent_path(work_dir)):
+        return None
+    agent = read_json(agent_path(work_dir))
+    if not isinstance(agent, dict) or not isinstance(agent.get("agent_id"), str):
+        raise CheckpointError(f"{agent_path(work_dir)} does not name an agent id")
+    aid = agent["agent_id"]
+    errors: list[str] = []
+    frameworks = {}
+    root = os.path.join(meta_dir(work_dir, aid), "frameworks")
+    for fid in _listdir(root):
+        try:
+            info = read_json(os.path.join(root, fid, FRAMEWORK_FILE))
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        executors = {}
+        for eid in _listdir(os.path.join(root, fid, "executors")):
+            try:
+                executor = _recover_executor(os.path.join(root, fid, "executors", eid))
+            except (CheckpointError, KeyError, TypeError, ValueError) as e:
+                errors.append(f"executor {eid} of framework {fid}: {e}")
+                continue
+            if executor is not None and executor.run is not None:
+                executors[eid] = executor
+        if executors:
+            frameworks[fid] = RecoveredFramework(info, executors)
+    return RecoveredAgent(agent, frameworks, tuple(errors))
+
+
+def _recover_executor(path: str) -> RecoveredExecutor | None:
+    if not os.path.exists(os.path.join(path, EXECUTOR_FILE)):
+        return None
+    meta = read_json(os.path.join(path, EXECUTOR_FILE))
+    run = None
+    runs = os.path.join(path, "runs")
+    for cid in _listdir(runs):
+        if cid == sandbox.LATEST or os.path.exists(os.path.join(runs, cid, COMPLETED_FILE)):
+            continue
+        run_meta = {}
+        if os.path.exists(os.path.join(runs, cid, RUN_FILE)):
+            run_meta = read_json(os.path.join(runs, cid, RUN_FILE))
+        tasks = {}
+        for tid in _listdir(os.path.join(runs, cid, "tasks")):
+            task_dir = os.path.join(runs, cid, "tasks", tid)
+            if not os.path.exists(os.path.join(task_dir, TASK_FILE)):
+                continue
+            task = read_json(os.path.join(task_dir, TASK_FILE))
+            journal = os.path.join(task_dir, UPDATES_FILE)
+            records = read_records(journal) if os.path.exists(journal) else []
+            tasks[tid] = RecoveredTask(task["info"], task.get("how", "task"), tuple(records))
+        run = RecoveredRun(cid, run_meta.get("pid"), run_meta.get("start_ticks"),
+                           run_meta.get("directory"), tasks)
+    return RecoveredExecutor(meta["info"], meta["kind"], run)

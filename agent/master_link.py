@@ -24,8 +24,12 @@ from agora.link import Link
 
 log = Logger()
 
-#: Give up on a connection that does not get us registered within this time.
+#: Give up on a connection that does not get us registered within this time: at first after
+#: FIRST_REGISTRATION_TIMEOUT, doubled on each further attempt up to REGISTRATION_TIMEOUT. A
+#: master that ignores us (a follower, or a new leader whose own watch has not fired yet)
+#: then costs a second, not ten, as with Mesos's registration backoff.
 REGISTRATION_TIMEOUT = 10.0
+FIRST_REGISTRATION_TIMEOUT = 1.0
 #: Drop a registered link after this many ping intervals without a word from the master.
 MAX_SILENT_PINGS = 5
 
@@ -71,14 +75,15 @@ class MasterLink:
     refuses or removes the agent (no more reconnects after that).
     """
 
-    def __init__(self, reactor, host: str, port: int, *,
+    def __init__(self, reactor, host: str | None, port: int | None, *,
                  registration: Callable[[protocol.Challenge], object],
                  on_registered: Callable[[protocol.AgentRegistered], None],
                  on_message: Callable[[object], None],
                  on_disconnected: Callable[[], None] = lambda: None,
                  on_refused: Callable[[str], None] = lambda message: None,
                  backoff: Backoff | None = None,
-                 registration_timeout: float = REGISTRATION_TIMEOUT):
+                 registration_timeout: float = REGISTRATION_TIMEOUT,
+                 first_registration_timeout: float = FIRST_REGISTRATION_TIMEOUT):
         self.reactor = reactor
         self.host, self.port = host, port
         self.registration = registration
@@ -88,6 +93,8 @@ class MasterLink:
         self.on_refused = on_refused
         self.backoff = backoff or Backoff()
         self.registration_timeout = registration_timeout
+        self.first_registration_timeout = min(first_registration_timeout, registration_timeout)
+        self._attempt_timeout = self.first_registration_timeout
         self.registered = False
         self.refused: str | None = None
         self._link: Link | None = None
@@ -105,6 +112,26 @@ class MasterLink:
     def start(self) -> None:
         self._running = True
         self._connect()
+
+    def set_master(self, host: str | None, port: int | None) -> None:
+        """Follow a new leading master (None: no leader known): drop the link to the old
+        one and connect to the new one at once. The agent then re-registers there."""
+        if (host, port) == (self.host, self.port):
+            return
+        log.info("Leading master is now {where}", where=f"{host}:{port}" if host else "unknown")
+        self.host, self.port = host, port
+        self.backoff.reset()
+        self._attempt_timeout = self.first_registration_timeout
+        self._cancel(self._retry_call)
+        self._retry_call = None
+        link = self._link
+        if link is not None:
+            link.transport.abortConnection()  # `_lost` reconnects to the new address
+        else:
+            if self._connector is not None and self._connector.state == "connecting":
+                self._connector.stopConnecting()  # its failure retries, to the new address
+            else:
+                self._connect()
 
     def stop(self) -> Deferred:
         """Close the link and stop reconnecting; fires when the connection is gone."""
@@ -131,8 +158,8 @@ class MasterLink:
 
     def _connect(self) -> None:
         self._retry_call = None
-        if not self._running:
-            return
+        if not self._running or self.host is None:
+            return  # no master known yet: `set_master` connects
         self._connector = self.reactor.connectTCP(self.host, self.port, _Factory(self),
                                                   timeout=5)
 
@@ -140,15 +167,17 @@ class MasterLink:
         self._link = link
         link.on_message = lambda msg, link=link: self._received(link, msg)
         link.on_lost = lambda reason, link=link: self._lost(link, reason)
-        self._timeout_call = self.reactor.callLater(self.registration_timeout,
-                                                    self._registration_timed_out, link)
+        timeout = self._attempt_timeout
+        self._attempt_timeout = min(timeout * 2, self.registration_timeout)
+        self._timeout_call = self.reactor.callLater(timeout, self._registration_timed_out,
+                                                    link, timeout)
 
     def _connection_failed(self, reason) -> None:
         self._connector = None
         self._retry(f"cannot connect: {reason.getErrorMessage()}")
 
     def _retry(self, why: str) -> None:
-        if not self._running or self._retry_call is not None:
+        if not self._running or self._retry_call is not None or self.host is None:
             return
         delay = self.backoff.next()
         log.info("Master {host}:{port}: {why}; retrying in {delay:.2f}s", host=self.host,
@@ -163,11 +192,20 @@ class MasterLink:
         if kind is protocol.Ping:
             link.send(protocol.Pong(seq=msg.seq))
         elif kind is protocol.Challenge:
-            link.send(self.registration(msg))
+            registration = self.registration(msg)
+            link.send(registration)
+            if type(registration) is protocol.RegisterAgent and self._timeout_call is not None:
+                # A first registration is not idempotent (a late answer to an abandoned one
+                # would admit us twice): give it the whole timeout.
+                self._cancel(self._timeout_call)
+                self._timeout_call = self.reactor.callLater(
+                    self.registration_timeout, self._registration_timed_out, link,
+                    self.registration_timeout)
         elif kind is protocol.AgentRegistered:
             self._cancel(self._timeout_call)
             self._timeout_call = None
             self.backoff.reset()
+            self._attempt_timeout = self.first_registration_timeout
             self._ping_interval = msg.ping_interval or 0.0
             self._arm_watchdog()
             first = not self.registered
@@ -202,11 +240,11 @@ class MasterLink:
             stopped.callback(None)
         self._retry(f"link lost ({reason.getErrorMessage()})")
 
-    def _registration_timed_out(self, link: Link) -> None:
+    def _registration_timed_out(self, link: Link, timeout: float) -> None:
         self._timeout_call = None
         if link is self._link and not self.registered:
             log.warn("Master {host}:{port} did not register us within {t}s; reconnecting",
-                     host=self.host, port=self.port, t=self.registration_timeout)
+                     host=self.host, port=self.port, t=timeout)
             link.transport.abortConnection()
 
     # --- liveness ----------------------------------------------------------------------

@@ -138,6 +138,7 @@ class Framework:
         self.completed_executors: deque[Executor] = deque(
             maxlen=MAX_COMPLETED_EXECUTORS_PER_FRAMEWORK)
         self.terminating = False
+        self.checkpointed = False  # its FrameworkInfo is in the agent's checkpoint
 
     def update_info(self, info: dict) -> None:
         self.info = normalized_framework_info(info, self.framework_id)

@@ -18,6 +18,14 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
 
 
+def _master(text: str):
+    from agent.master_detector import parse_master
+    try:
+        return parse_master(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _resources(text: str) -> str:
     try:
         Resources.parse(text)
@@ -66,8 +74,13 @@ def _master_options(p: argparse.ArgumentParser) -> None:
                    help="period of agent pings (default 15)")
     p.add_argument("--max-agent-ping-timeouts", type=int, default=5, metavar="N",
                    help="missed pings before an agent is unreachable (default 5)")
-    p.add_argument("--registry", choices=("sqlite", "in_memory"), default="sqlite",
-                   help="where admitted agents are kept (default: a SQLite file in --work-dir)")
+    p.add_argument("--registry", choices=("zk", "sqlite", "in_memory"), default=None,
+                   help="where admitted agents, frameworks and weights are kept (default: in "
+                        "ZooKeeper under <--zk path>_registry with --zk, else a SQLite file "
+                        "in --work-dir)")
+    p.add_argument("--agent-reregister-timeout", type=float, default=600.0, metavar="SECS",
+                   help="after a failover, how long agents the registry knows have to "
+                        "re-register before they are marked unreachable (default 600)")
 
 
 def _agent_options(p: argparse.ArgumentParser) -> None:
@@ -88,6 +101,13 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
                         "finished sandbox at the next disk check")
     p.add_argument("--disk-watch-interval", type=_positive_float, default=60.0, metavar="SECS",
                    help="how often the disk is checked and due sandboxes removed (default 60)")
+    p.add_argument("--recover", choices=("reconnect", "cleanup"), default="reconnect",
+                   help="with a checkpoint in the work dir: take back its frameworks, "
+                        "executors and tasks (reconnect, the default), or kill what it left "
+                        "running and start as a new agent (cleanup)")
+    p.add_argument("--executor-reregistration-timeout", type=_positive_float, default=10.0,
+                   metavar="SECS", help="how long a recovered executor has to re-subscribe "
+                                        "before it is killed (default 10)")
     p.add_argument("--switch-user", action=argparse.BooleanOptionalAction, default=True,
                    help="when running as root, run executors and tasks as the user the task "
                         "or framework names (default: on)")
@@ -113,7 +133,13 @@ def parser() -> argparse.ArgumentParser:
     _master_options(m)
 
     a = sub.add_parser("agent", help="run an agent")
-    a.add_argument("--master", type=_address, required=True, metavar="HOST:PORT")
+    a.add_argument("--master", type=_master, required=True,
+                   metavar="HOST:PORT|zk://HOST:PORT[,HOST:PORT...]/PATH",
+                   help="the master, or the ZooKeeper path the masters are elected under "
+                        "(the agent follows the leader)")
+    a.add_argument("--zk-session-timeout", type=_positive_float, default=10.0,
+                   metavar="SECS", help="ZooKeeper session timeout with a zk:// --master "
+                                        "(default 10)")
     a.add_argument("--ip", default="127.0.0.1")
     a.add_argument("--port", type=int, default=5051)
     a.add_argument("--hostname", default=None)

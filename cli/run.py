@@ -31,7 +31,8 @@ def prepare_process() -> None:
 def _master_kwargs(args) -> dict:
     return dict(allocation_interval=args.allocation_interval, offer_timeout=args.offer_timeout,
                 agent_ping_timeout=args.agent_ping_timeout,
-                max_agent_ping_timeouts=args.max_agent_ping_timeouts)
+                max_agent_ping_timeouts=args.max_agent_ping_timeouts,
+                agent_reregister_timeout=args.agent_reregister_timeout)
 
 
 def _serve(reactor, services: list, banner) -> int:
@@ -80,6 +81,9 @@ def run_master(reactor, args, secret) -> int:
         if not args.zk_session_timeout > 0:
             print("agora: --zk-session-timeout must be positive", file=sys.stderr)
             return 2
+    elif args.registry == "zk":
+        print("agora: --registry zk needs --zk zk://HOST:PORT/PATH", file=sys.stderr)
+        return 2
     master = MasterService(reactor, ip=args.ip, port=args.port, work_dir=args.work_dir,
                            registry=args.registry, hostname=args.hostname, secret=secret,
                            zk=args.zk, zk_session_timeout=args.zk_session_timeout,
@@ -94,7 +98,9 @@ def _agent_kwargs(args, fetcher_cache_dir) -> dict:
                 fetcher_cache_dir=fetcher_cache_dir,
                 fetcher_cache_size=args.fetcher_cache_size, gc_delay=args.gc_delay,
                 gc_disk_headroom=args.gc_disk_headroom,
-                disk_watch_interval=args.disk_watch_interval, switch_user=args.switch_user)
+                disk_watch_interval=args.disk_watch_interval, switch_user=args.switch_user,
+                recover=args.recover,
+                executor_reregistration_timeout=args.executor_reregistration_timeout)
 
 
 def run_agent(reactor, args, secret) -> int:
@@ -102,6 +108,7 @@ def run_agent(reactor, args, secret) -> int:
 
     agent = Agent(reactor, master=args.master, work_dir=args.work_dir, ip=args.ip,
                   port=args.port, hostname=args.hostname, secret=secret,
+                  zk_session_timeout=args.zk_session_timeout,
                   **_agent_kwargs(args, args.fetcher_cache_dir))
     return _serve(reactor, [agent],
                   lambda: print(f"Agent: http://{args.ip}:{agent.port}", flush=True))
@@ -112,6 +119,10 @@ def run_local(reactor, args) -> int:
     from master.service import MasterService
 
     os.makedirs(args.work_dir, exist_ok=True)
+    if args.registry == "zk":
+        print("agora: --registry zk needs --zk, which agora local does not take",
+              file=sys.stderr)
+        return 2
     master = MasterService(reactor, ip=args.ip, port=args.port,
                            work_dir=os.path.join(args.work_dir, "master"),
                            registry=args.registry, **_master_kwargs(args))

@@ -10,6 +10,7 @@ import itertools
 import os
 import uuid as _uuid
 
+from twisted.internet import defer
 from twisted.internet import task as _task
 from twisted.logger import Logger
 
@@ -41,6 +42,7 @@ class Master:
                  registrar=None, allocation_interval: float = 1.0,
                  offer_timeout: float | None = None, agent_ping_timeout: float = 15.0,
                  max_agent_ping_timeouts: int = 5, heartbeat_interval: float = 15.0,
+                 agent_reregister_timeout: float = 600.0,
                  secret: bytes | None = None, flags: dict | None = None,
                  max_completed_frameworks: int = 50):
         self.reactor = reactor
@@ -53,6 +55,7 @@ class Master:
         self.agent_ping_timeout = agent_ping_timeout
         self.max_agent_ping_timeouts = max_agent_ping_timeouts
         self.heartbeat_interval = heartbeat_interval
+        self.agent_reregister_timeout = agent_reregister_timeout
         self.secret = secret
         self.flags = flags or {}
         self.start_time = reactor.seconds()
@@ -64,6 +67,9 @@ class Master:
         self.offers: dict[str, OfferRecord] = {}
         self.operator_streams: set = set()
         self._unreachable: dict[str, float] = {}  # agent id -> when it was marked unreachable
+        # Agents the registry says were admitted, not yet re-registered with this master.
+        self._recovering: dict[str, dict] = {}  # agent id -> AgentInfo
+        self._reregister_call = None
         self.metrics = dict.fromkeys((
             "tasks_finished", "tasks_failed", "tasks_killed", "tasks_lost", "tasks_error",
             "tasks_dropped", "tasks_gone", "tasks_unreachable", "frameworks_removed",
@@ -85,6 +91,80 @@ class Master:
     def info(self) -> dict:
         return mj.master_info(self.id, self.ip, self.port, self.hostname)
 
+    def recover(self, records: dict) -> None:
+        """Take over from the registry (before `start`): a new leader's first step.
+
+        Admitted agents get `agent_reregister_timeout` to re-register before they are marked
+        unreachable; unreachable ones are remembered as such (their tasks are killed when
+        they return, unless the framework is PARTITION_AWARE); gone ones stay refused.
+        Frameworks are recreated disconnected, their failover timers running.
+        """
+        now = self.now()
+        for role, weight in records.get("weights", {}).items():
+            try:
+                self.allocator.set_weight(role, weight)
+            except ValueError as e:
+                log.warn("Ignoring the registry's weight for {role}: {e}", role=role, e=e)
+        for agent_id, (state, info) in records.get("agents", {}).items():
+            if state == "admitted":
+                self._recovering[agent_id] = info
+            elif state == "unreachable":
+                self._unreachable[agent_id] = now
+        for fid, record in records.get("frameworks", {}).items():
+            if fid not in self.frameworks:
+                fw = self._recover_framework(fid, record.get("info") or {})
+                fw.registered_time = record.get("registered_time", now)
+        if self._recovering:
+            log.info("Recovered {a} agents and {f} frameworks from the registry; agents have "
+                     "{t}s to re-register", a=len(self._recovering),
+                     f=len(records.get("frameworks", {})), t=self.agent_reregister_timeout)
+            self._reregister_call = self.reactor.callLater(
+                self.agent_reregister_timeout, self._reregister_timed_out)
+
+    def recovering_agents(self) -> dict:
+        """agent id -> AgentInfo of agents still expected to re-register after a failover."""
+        return dict(self._recovering)
+
+    def update_weights(self, weight_infos) -> defer.Deferred:
+        """Set roles' weights: durable in the registry first, then in the allocator."""
+        if not isinstance(weight_infos, list):
+            raise CallError(400, "'update_weights.weight_infos' must be a list")
+        weights = {}
+        for item in weight_infos:
+            role = item.get("role") if isinstance(item, dict) else None
+            weight = item.get("weight") if isinstance(item, dict) else None
+            if not isinstance(role, str) or not role:
+                raise CallError(400, "Each weight_info needs a non-empty 'role'")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or \
+                    not 0 < weight < float("inf"):
+                raise CallError(400, f"Weight of role '{role}' must be a positive number, "
+                                     f"got {weight!r}")
+            weights[role] = float(weight)
+        d = defer.gatherResults([self.registrar.set_weight(r, w) for r, w in weights.items()],
+                                consumeErrors=True)
+
+        def durable(_):
+            for role, weight in weights.items():
+                self.allocator.set_weight(role, weight)
+            self.trigger_allocation()
+
+        return d.addCallback(durable)
+
+    def _reregister_timed_out(self) -> None:
+        """Agents that did not come back after a failover are unreachable."""
+        self._reregister_call = None
+        recovering, self._recovering = self._recovering, {}
+        now = self.now()
+        for agent_id, info in recovering.items():
+            self._unreachable[agent_id] = now
+            self.registrar.mark(agent_id, "unreachable", info)
+            self.metrics["slave_removals"] += 1
+            log.warn("Agent {aid} did not re-register within {t}s; marked unreachable",
+                     aid=agent_id, t=self.agent_reregister_timeout)
+        for fw in self.frameworks.values():
+            for agent_id in recovering:
+                self.send(fw, mj.event("FAILURE", {"agent_id": mj.ident(agent_id)}))
+
     def start(self) -> None:
         for interval, fn in ((self.allocation_interval, self.allocate),
                              (self.heartbeat_interval, self._heartbeat_frameworks),
@@ -98,7 +178,7 @@ class Master:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        for call in (self._allocation_call, self._burst_call):
+        for call in (self._allocation_call, self._burst_call, self._reregister_call):
             if call is not None and call.active():
                 call.cancel()
         for fw in self.frameworks.values():
@@ -201,15 +281,38 @@ class Master:
         caps = {c.get("type") for c in info.get("capabilities", []) if isinstance(c, dict)}
         roles = tuple(info.get("roles") if "MULTI_ROLE" in caps else [info.get("role", "*")])
         fw = self.frameworks.get(fid) if fid else None
-        first = fw is None
         if fw is None:
             if not fid:
                 fid = f"{self.id}-{next(self._framework_seq):04d}"
                 info["id"] = mj.ident(fid)
-            fw = Framework(id=fid, info=info, roles=roles, registered_time=self.now())
-            self.frameworks[fid] = fw
-            self.allocator.add_framework(fid, roles, used=self._framework_used(fid))
-        else:
+            registered = self.now()
+            d = self.registrar.put_framework(fid, info, registered)
+            d.addCallback(lambda _: self._attach_new(info, roles, stream, stream_id, registered))
+            d.addErrback(lambda f: (log.failure("Registry write failed", f), stream.close()))
+            return
+        if fw.info != info:
+            self.registrar.put_framework(fid, info, fw.registered_time)
+        self._attach(fw, info, roles, stream, stream_id, first=False)
+
+    def _attach_new(self, info, roles, stream, stream_id, registered) -> None:
+        fid = mj.id_of(info, "id")
+        if stream.closed:  # it went while the registry was written: it fails over from here
+            if fid not in self.frameworks:
+                fw = self._recover_framework(fid, info)
+                fw.registered_time = registered
+            return
+        fw = self.frameworks.get(fid)
+        if fw is not None:  # e.g. an agent reported its tasks meanwhile
+            self._attach(fw, info, roles, stream, stream_id, first=False)
+            return
+        fw = Framework(id=fid, info=info, roles=roles, registered_time=registered)
+        self.frameworks[fid] = fw
+        self.allocator.add_framework(fid, roles, used=self._framework_used(fid))
+        self._attach(fw, info, roles, stream, stream_id, first=True)
+
+    def _attach(self, fw: Framework, info, roles, stream, stream_id, first: bool) -> None:
+        fid = fw.id
+        if not first:
             old = fw.stream
             fw.info, fw.reregistered_time = info, self.now()
             if roles != fw.roles:
@@ -308,6 +411,7 @@ class Master:
         if stream is not None and not stream.closed:
             stream.close()
         fw.unregistered_time = self.now()
+        self.registrar.remove_framework(fw.id)
         del self.frameworks[fw.id]
         self.completed_frameworks.append(fw)
         del self.completed_frameworks[:-self.max_completed_frameworks]
@@ -665,13 +769,30 @@ class Master:
         self.send(fw, mj.event("UPDATE", {"status": status}))
 
     def _reconcile_unknown(self, fw: Framework, tid: str, agent_id: str | None) -> None:
-        agent = self.agents.get(agent_id) if agent_id else None
-        if fw.partition_aware:
-            state = "TASK_GONE" if agent is not None else "TASK_UNKNOWN"
-        else:
+        """Answer for a task the master does not know, as Mesos's master does.
+
+        While agents may still re-register after a failover, the task may be on one of them:
+        no answer (for a task on such an agent, or with no agent named); the framework asks
+        again later. On an unreachable agent: UNREACHABLE (PARTITION_AWARE) or LOST; on a
+        registered agent: GONE or LOST; on an agent marked gone: GONE_BY_OPERATOR or LOST;
+        otherwise UNKNOWN or LOST.
+        """
+        if agent_id in self._recovering or (agent_id is None and self._recovering):
+            return
+        registered = self.registrar.agents().get(agent_id) if agent_id else None
+        message = "Reconciliation: task is unknown"
+        if not fw.partition_aware:
             state = "TASK_LOST"
-        self._send_master_update(fw, tid, state, "REASON_RECONCILIATION",
-                                 "Reconciliation: task is unknown", agent_id=agent_id)
+        elif agent_id in self.agents:
+            state = "TASK_GONE"
+        elif agent_id in self._unreachable:
+            state, message = "TASK_UNREACHABLE", "Reconciliation: agent is unreachable"
+        elif registered is not None and registered[0] == "gone":
+            state, message = "TASK_GONE_BY_OPERATOR", "Reconciliation: agent is gone"
+        else:
+            state = "TASK_UNKNOWN"
+        self._send_master_update(fw, tid, state, "REASON_RECONCILIATION", message,
+                                 agent_id=agent_id)
 
     def message(self, fw: Framework, call: dict) -> None:
         body = call.get("message") or {}
@@ -700,6 +821,8 @@ class Master:
         probe = self.validate_subscribe({"subscribe": {"framework_info": info}})
         caps = {c.get("type") for c in probe.get("capabilities", []) if isinstance(c, dict)}
         roles = tuple(probe.get("roles") if "MULTI_ROLE" in caps else [probe.get("role", "*")])
+        if probe != fw.info:
+            self.registrar.put_framework(fw.id, probe, fw.registered_time)
         fw.info = probe
         if roles != fw.roles:
             fw.roles = roles
@@ -822,6 +945,7 @@ class Master:
         agent.reregistered_time = self.now()
         link.agent = agent
         self._unreachable.pop(agent_id, None)
+        self._recovering.pop(agent_id, None)
         infos = {mj.id_of(f, "id", False): f for f in msg.frameworks if isinstance(f, dict)}
         shutdown = set()
         for ex in msg.executors:

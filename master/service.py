@@ -22,7 +22,7 @@ from master.api import legacy, views
 from master.api.operator import OperatorAPI, metrics_snapshot
 from master.api.scheduler import SchedulerAPI
 from master.master import Master
-from master.registrar import MemoryRegistry, Registrar, SQLiteRegistry
+from master.registrar import MemoryRegistry, Registrar, SQLiteRegistry, ZooKeeperRegistry
 
 log = Logger()
 
@@ -35,21 +35,26 @@ class AgentLinkFactory(Factory):
     """Builds the master's end of an agent connection (after the sniffed prefix).
 
     While `leading()` is false, registrations are dropped (as a Mesos follower does); the
-    agent gives up on the link after its registration timeout and tries again.
+    agent gives up on the link after its registration timeout and tries again. A leader that
+    is still recovering its registry takes them once it has: `later(fn)` queues `fn` and
+    says True then.
     """
 
-    def __init__(self, master: Master, leading=lambda: True):
+    def __init__(self, master: Master, leading=lambda: True, later=lambda fn: False):
         self.master = master
         self.leading = leading
+        self.later = later
 
     def buildProtocol(self, addr):
         link = Link(self.master.reactor, send_prefix=False)
         link.agent = None
         link.nonce = b""
-        master, leading = self.master, self.leading
+        master, leading, later = self.master, self.leading, self.later
 
         def on_message(msg):
             if isinstance(msg, _REGISTRATIONS) and not leading():
+                if later(lambda: link.connected and master.on_agent_message(link, msg)):
+                    return
                 log.info("Ignoring {kind} from {peer}: this master is not the leader",
                          kind=type(msg).__name__, peer=link._peer())
                 return
@@ -196,11 +201,13 @@ class MasterService:
 
     With `zk` (a `zk://hosts/path` URL) it contends for leadership there with sessions of
     `zk_session_timeout` seconds, and `abort(status)` ends the process when it loses the
-    leadership (replaceable for tests).
+    leadership (replaceable for tests). `registry` is "zk" (the default with `zk`: znodes
+    under `<path>_registry`), "sqlite" (the default without: `<work_dir>/registry.sqlite`)
+    or "in_memory". The master recovers from the registry when it starts leading.
     """
 
     def __init__(self, reactor, *, ip: str = "127.0.0.1", port: int = 5050,
-                 work_dir: str | None = None, registry: str = "sqlite",
+                 work_dir: str | None = None, registry: str | None = None,
                  hostname: str | None = None, secret: bytes | None = None,
                  zk: str | None = None, zk_session_timeout: float = 10.0,
                  abort=_exit, **options):
@@ -212,11 +219,21 @@ class MasterService:
         self._master_started = False
         self.ip, self.requested_port = ip, port
         self.work_dir = work_dir
-        if registry == "sqlite" and work_dir:
+        if registry is None:
+            registry = "zk" if self.zk is not None else "sqlite"
+        if registry == "zk":
+            if self.zk is None:
+                raise ValueError("--registry zk needs --zk")
+            backend = ZooKeeperRegistry(
+                lambda: zookeeper.Session(reactor, self.zk.hosts, timeout=zk_session_timeout),
+                registry_path(self.zk), on_session=self._registry_session_changed)
+        elif registry == "sqlite" and work_dir:
             backend = SQLiteRegistry(os.path.join(work_dir, "registry.sqlite"))
         else:
             backend = MemoryRegistry()
         self.registry = backend
+        self._recovered = False
+        self._after_recovery_calls: list = []
         flags = {"ip": ip, "port": port, "work_dir": work_dir or "", "registry": registry,
                  **{k: v for k, v in options.items()}}
         if self.zk is not None:
@@ -247,9 +264,10 @@ class MasterService:
 
     @property
     def leading(self) -> bool:
+        """Whether this master serves as the leader (elected, and recovered the registry)."""
         if self.zk is None:
             return True
-        return self.election is not None and self.election.leading
+        return self.election is not None and self.election.leading and self._recovered
 
     def leader(self) -> tuple[bool, str | None]:
         """(whether this master leads, "host:port" of the leader or None if unknown)."""
@@ -280,7 +298,8 @@ class MasterService:
     def start(self) -> defer.Deferred:
         factory = HTTPFactory(self.router, sniffers=[(protocol.PREFIX,
                                                        AgentLinkFactory(self.master,
-                                                                        lambda: self.leading))],
+                                                                        lambda: self.leading,
+                                                                        self._after_recovery))],
                               reactor=self.reactor)
         self._listening = listen(self.reactor, self.requested_port, factory, interface=self.ip)
         self.port = self._listening.getHost().port
@@ -288,13 +307,21 @@ class MasterService:
         self.master.flags["port"] = self.port
         log.info("Master {id} listening on http://{ip}:{port}", id=self.master.id, ip=self.ip,
                  port=self.port)
+        d = self.registry.start()
+
+        def registry_failed(f):
+            raise RuntimeError(f"cannot open the registry: "
+                               f"{f.getErrorMessage() or f.type.__name__}")
+
+        d.addErrback(registry_failed)
         if self.zk is None:
-            self._start_master()
-            return defer.succeed(self)
+            d.addCallback(lambda _: self._start_master())
+            return d.addCallback(lambda _: self)
         self.election = Election(self.reactor, self.zk, self.master.info,
                                  session_timeout=self.zk_session_timeout,
                                  on_leading=self._leading_changed, on_deposed=self._deposed)
-        return self.election.start().addCallback(lambda _: self)
+        d.addCallback(lambda _: self.election.start())
+        return d.addCallback(lambda _: self)
 
     def stop(self) -> defer.Deferred:
         d = self.election.stop() if self.election is not None else defer.succeed(None)
@@ -305,10 +332,29 @@ class MasterService:
         d.addBoth(lambda _: self.registry.close())
         return d
 
-    def _start_master(self) -> None:
-        if not self._master_started:
-            self._master_started = True
+    def _start_master(self) -> defer.Deferred:
+        """Recover from the registry, then lead (once)."""
+        if self._master_started:
+            return defer.succeed(None)
+        self._master_started = True
+        d = self.registry.load()
+
+        def loaded(records):
+            self.master.recover(records)
             self.master.start()
+            self._recovered = True
+            calls, self._after_recovery_calls = self._after_recovery_calls, []
+            for fn in calls:
+                fn()
+
+        def failed(f):
+            log.failure("Cannot recover from the registry; exiting", f)
+            self._deposed(f"registry unreadable: {f.getErrorMessage()}")
+
+        d.addCallback(loaded)
+        if self.zk is not None:
+            d.addErrback(failed)
+        return d
 
     def _leading_changed(self, leading: bool) -> None:
         if leading and not self._master_started:
@@ -320,6 +366,18 @@ class MasterService:
             log.warn("Lost the ZooKeeper connection: not serving as the leader until the "
                      "session reconnects (or exiting once it is lost, in at most {t}s)",
                      t=self.zk_session_timeout)
+
+    def _after_recovery(self, fn) -> bool:
+        """Queue `fn` if this master is elected but still reading its registry."""
+        if (self.election is None or not self.election.leading or self._recovered
+                or not self._master_started):
+            return False
+        self._after_recovery_calls.append(fn)
+        return True
+
+    def _registry_session_changed(self, state: str, reason: str | None) -> None:
+        if state == zookeeper.LOST and self._master_started:
+            self._deposed(f"the registry's ZooKeeper session was lost ({reason})")
 
     def _deposed(self, reason: str) -> None:
         log.critical("Lost leadership: {reason}. Exiting with status {status}; restart this "
@@ -349,6 +407,12 @@ class MasterService:
         metrics = metrics_snapshot(self.master)
         metrics["master/elected"] = 1.0 if self.leading else 0.0
         return json_response(metrics)
+
+
+def registry_path(url: zookeeper.ZkUrl) -> str:
+    """Where the ZooKeeper registry lives: beside the election path, never inside it (only
+    `json.info_*` znodes may be there, docs/ha.md)."""
+    return url.path + "_registry"
 
 
 def _hostname(ip: str) -> str:

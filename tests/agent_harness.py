@@ -62,13 +62,16 @@ class FakeMaster:
     """
 
     def __init__(self, reactor, *, secret: bytes | None = None, auto_ack: bool = True,
-                 agent_id: str = "fake-S0", ping_interval: float = 0.0, refuse: str | None = None):
+                 agent_id: str = "fake-S0", ping_interval: float = 0.0, refuse: str | None = None,
+                 ignore: int = 0):
+        """`ignore`: leave that many registrations unanswered (as a follower does)."""
         self.reactor = reactor
         self.secret = secret
         self.auto_ack = auto_ack
         self.agent_id = agent_id
         self.ping_interval = ping_interval
         self.refuse = refuse
+        self.ignore = ignore
         self.messages: list = []
         self.links: list[Link] = []
         self.link: Link | None = None
@@ -108,7 +111,9 @@ class FakeMaster:
         self.messages.append(msg)
         kind = type(msg)
         if kind in (protocol.RegisterAgent, protocol.ReregisterAgent):
-            if self.refuse is not None:
+            if self.ignore > 0:
+                self.ignore -= 1
+            elif self.refuse is not None:
                 link.send(protocol.AgentRefused(message=self.refuse))
             elif not protocol.check_proof(self.secret, link.nonce, msg.proof):
                 link.send(protocol.AgentRefused(message="Authentication failed"))

@@ -89,3 +89,38 @@ def test_shutdown_agent_kills_everything_and_stops_connecting(make_cluster):
     wait_for(lambda: c.agent.refused == "removed by the operator", what="the shutdown")
     wait_for(lambda: not process_alive(pid), what="the task's executor to be gone")
     assert c.master.connections == 1 and not c.agent.registered
+
+
+def test_new_leader_gets_the_reregistration_and_the_old_link_goes(make_cluster, agent_reactor):
+    """Told of a new leading master, the agent closes the old link at once and re-registers
+    with the new master, its running task included."""
+    from agent_harness import FakeMaster
+
+    c = make_cluster()
+    c.wait_registered()
+    c.run_task("long", "sleep 30")
+    c.wait_state("long", "TASK_RUNNING")
+    other = FakeMaster(agent_reactor)
+    port = c.call(other.start)
+    try:
+        c.call(c.agent._leader, "127.0.0.1", port)
+        rereg = wait_for(lambda: other.of(protocol.ReregisterAgent), what="ReregisterAgent")[0]
+        assert rereg.agent_id == "fake-S0"
+        assert [t["task_id"]["value"] for t in rereg.tasks] == ["long"]
+        wait_for(lambda: not c.master.link.connected, what="the old link to close")
+        wait_for(lambda: c.agent.registered, what="registration with the new master")
+        assert c.agent.master_address == ("127.0.0.1", port)
+    finally:
+        c.call(other.stop)
+
+
+def test_an_ignored_reregistration_is_retried_within_seconds(make_cluster):
+    """A master that ignores a ReregisterAgent (a leader that does not know it leads yet)
+    costs the agent about a second, not the whole registration timeout."""
+    c = make_cluster(master_options={"ignore": 0})
+    c.wait_registered()
+    c.master.ignore = 1
+    c.call(c.master.drop)
+    wait_for(lambda: len(c.master.of(protocol.ReregisterAgent)) >= 2, 4,
+             what="a second ReregisterAgent")
+    wait_for(lambda: c.agent.registered, what="re-registration")

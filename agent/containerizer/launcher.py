@@ -272,6 +272,85 @@ class Container:
             waiter.callback(self.status)
 
 
+class RecoveredContainer(Container):
+    """A container an earlier run of the agent launched, still running.
+
+    Its leader is not our child, so its exit is seen through a pidfd (opened by `recover`,
+    which checks the start time so a reused pid is never mistaken for it) and its wait status
+    is unknown: `status` is 0 and `status_known` False.
+    """
+
+    status_known = False
+
+    def __init__(self, reactor, container_id: str, pid: int, pidfd: int | None):
+        self._pidfd = pidfd
+        self.reactor = reactor
+        self.container_id = container_id
+        self.pid = pid
+        self.status = None
+        self.exited = Deferred()
+        self._popen = None
+        self._reader = None
+        self._phase = None
+        self._termed = set()
+        self._waiters = []
+        self._done = False
+        self._kill_call = None
+        self._step_call = None
+        self._kill_deadline = 0.0
+        self._poll_call = None
+        self._watch()
+
+    def _watch(self) -> None:
+        if self._pidfd is not None:
+            self._reader = _PidfdReader(self._pidfd, self._reap)
+            self.reactor.addReader(self._reader)
+        else:  # no pidfds: look at /proc now and then
+            self._poll_call = self.reactor.callLater(0.5, self._poll)
+
+    def _poll(self) -> None:
+        self._poll_call = None
+        if session_leader_alive(self.pid):
+            self._poll_call = self.reactor.callLater(0.5, self._poll)
+        else:
+            self._exited(0)
+
+    def _reap(self) -> None:
+        self.reactor.removeReader(self._reader)
+        os.close(self._reader.fd)
+        self._reader = None
+        self._exited(0)
+
+
+def session_leader_alive(pid: int) -> bool:
+    """Whether `pid` still runs (not a zombie) and leads its own session."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return len(fields) > 3 and fields[0] not in (b"Z", b"X") and int(fields[3]) == pid
+
+
+def recover(reactor, container_id: str, pid: int, start_ticks: int | None,
+            ticks_of: Callable[[int], int | None]) -> RecoveredContainer | None:
+    """Re-attach to the container whose leader is `pid`, started at `start_ticks`; None if
+    that process is gone (a live process with another start time is someone else)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except (AttributeError, OSError):
+        pidfd = None
+    # Checked after opening the pidfd: it now names this very process, whatever comes.
+    if ticks_of(pid) is None or ticks_of(pid) != start_ticks or not session_leader_alive(pid):
+        if pidfd is not None:
+            os.close(pidfd)
+        return None
+    return RecoveredContainer(reactor, container_id, pid, pidfd)
+
+
 class PosixLauncher:
     """Starts containers as plain processes in their own sessions (no root needed)."""
 

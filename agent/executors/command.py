@@ -374,7 +374,10 @@ class CommandExecutor:
         self.env = env
         self.shutdown_grace = parse_duration(env.get("MESOS_EXECUTOR_SHUTDOWN_GRACE_PERIOD"),
                                              DEFAULT_SHUTDOWN_GRACE)
-        if env.get("MESOS_CHECKPOINT") == "1":
+        # Checkpointing: wait up to the recovery timeout for a restarted agent, and keep
+        # unacknowledged updates for it instead of exiting ACK_WAIT after the last task.
+        self.checkpoint = env.get("MESOS_CHECKPOINT") == "1"
+        if self.checkpoint:
             self.recovery_timeout = parse_duration(env.get("MESOS_RECOVERY_TIMEOUT"),
                                                    DEFAULT_RECOVERY_TIMEOUT)
         else:
@@ -468,6 +471,7 @@ class CommandExecutor:
             self.disconnected_at = None
             self.retry_delay = 0.1
             self.handle(self.stream.first_events())
+            self.check_done()  # what waited for the agent to come back waits for acks now
 
     def handle(self, events: list[dict] | None) -> None:
         if events is None:
@@ -488,6 +492,8 @@ class CommandExecutor:
         self.stream = None
         self.disconnected_at = time.monotonic()
         self.retry_at = 0.0
+        if self.checkpoint:
+            self.finish_by = None  # the agent may come back within the recovery timeout
 
     def send(self, body: dict) -> bool:
         body = dict(body, framework_id={"value": self.framework_id},
@@ -700,7 +706,7 @@ class CommandExecutor:
             return
         if not self.unacked:
             self.finish(0)
-        elif self.finish_by is None:
+        elif self.finish_by is None and (self.stream is not None or not self.checkpoint):
             self.finish_by = time.monotonic() + ACK_WAIT
 
 

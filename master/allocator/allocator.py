@@ -354,6 +354,10 @@ class Allocator:
         if role in self._roles:
             self._roles.update_weight(role, weight)
 
+    def weights(self) -> dict:
+        """role -> weight, for the roles whose weight was set."""
+        return dict(self._weights)
+
     # --- resources coming back or in use -----------------------------------------------
 
     def recover(

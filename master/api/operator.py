@@ -37,6 +37,13 @@ class OperatorAPI:
                 raise HTTPError(503, "No leader elected")
         if kind == "SUBSCRIBE":
             return StreamingResponse(start=self._subscribe)
+        if kind == "UPDATE_WEIGHTS":
+            try:
+                d = self.master.update_weights(
+                    (call.get("update_weights") or {}).get("weight_infos"))
+            except CallError as e:
+                raise HTTPError(e.status, e.message) from None
+            return d.addCallback(lambda _: Response(status=200))
         action = _ACTIONS.get(kind)
         if action is not None:
             try:
@@ -83,6 +90,10 @@ class OperatorAPI:
                            "frameworks": [mj.ident(f) for f in r["frameworks"]],
                            "resources": r["resources"].to_json()}
                           for r in views.roles(self.master)]}
+
+    def _get_weights(self):
+        return {"weight_infos": [{"role": r, "weight": w}
+                                 for r, w in sorted(self.master.allocator.weights().items())]}
 
     def _get_flags(self):
         return {"flags": [{"name": k, "value": str(v)} for k, v in self.master.flags.items()]}

@@ -158,17 +158,19 @@ def v1_frameworks(master: Master) -> dict:
 
 def v1_agents(master: Master) -> dict:
     return {"agents": [master.agent_view(a) for a in master.agents.values()],
-            "recovered_agents": []}
+            "recovered_agents": [dict(info, id=mj.ident(aid))
+                                 for aid, info in master.recovering_agents().items()]}
 
 
 def roles(master: Master) -> list:
     """Known roles with their weights, frameworks and allocated resources."""
-    out: dict[str, dict] = {"*": {"name": "*", "weight": 1.0, "frameworks": [],
-                                  "resources": Resources()}}
+    weights = master.allocator.weights()
+    out: dict[str, dict] = {"*": {"name": "*", "weight": weights.get("*", 1.0),
+                                  "frameworks": [], "resources": Resources()}}
     for fw in master.frameworks.values():
         for role in fw.roles:
-            entry = out.setdefault(role, {"name": role, "weight": 1.0, "frameworks": [],
-                                          "resources": Resources()})
+            entry = out.setdefault(role, {"name": role, "weight": weights.get(role, 1.0),
+                                          "frameworks": [], "resources": Resources()})
             entry["frameworks"].append(fw.id)
         used = _sum(t.resources for t in fw.tasks.values() if not t.resources_recovered)
         if fw.roles:

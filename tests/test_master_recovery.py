@@ -1,0 +1,268 @@
+"""Master failover with a fake clock: a new leader takes over from the registry.
+
+The "old" and "new" leaders are two `Master`s sharing one MemoryRegistry (the fake that passes
+the same interface tests as the SQLite and ZooKeeper registries, tests/test_registry.py).
+"""
+
+import pytest
+from twisted.internet.task import Clock
+
+from agora import mesos_json as mj
+from agora import protocol
+from agora.resources import Resources
+from master.master import Master
+from master.registrar import MemoryRegistry, Registrar
+from tests.test_master_unit import FakeLink, FakeStream, add_agent, launch, subscribe
+
+REREGISTER = 30.0
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def registry():
+    return MemoryRegistry()
+
+
+def new_master(clock, registry, recover=True):
+    m = Master(clock, ip="127.0.0.1", port=5050, registrar=Registrar(clock, registry),
+               allocation_interval=1.0, agent_reregister_timeout=REREGISTER)
+    if recover:
+        loaded = []
+        registry.load().addCallback(loaded.append)
+        m.recover(loaded[0])
+    m.start()
+    return m
+
+
+@pytest.fixture
+def old(clock, registry):
+    """A leader with one agent and two frameworks (one PARTITION_AWARE), a task each."""
+    m = new_master(clock, registry, recover=False)
+    link, agent_id = add_agent(m, clock)
+    s1, fw1 = subscribe(m, clock, failover_timeout=60)
+    s2, fw2 = subscribe(m, clock, failover_timeout=600,
+                        capabilities=[{"type": "PARTITION_AWARE"}])
+    for stream, fw, tid in ((s1, fw1, "t1"), (s2, fw2, "t2")):
+        offers = stream.of("OFFERS")
+        if not offers:
+            m.revive(fw, {})
+            clock.advance(1)
+            offers = stream.of("OFFERS")
+        launch(m, fw, offers[-1]["offers"][0], tid)
+        m.on_agent_message(link, protocol.StatusUpdate(fw.id, mj.task_status(
+            tid, "TASK_RUNNING", source="SOURCE_EXECUTOR", timestamp=1.0, uuid=mj.new_uuid())))
+    m.stop()  # the old leader is gone: its links and streams close
+    return m, agent_id, fw1, fw2
+
+
+def reregister(master, clock, agent_id, tasks, frameworks):
+    link = FakeLink()
+    master.agent_connected(link)
+    master.on_agent_message(link, protocol.ReregisterAgent(
+        agent_id=agent_id, version="test",
+        info={"hostname": "h1", "port": 5051,
+              "resources": Resources.parse("cpus:4;mem:1024").to_json()},
+        tasks=[{"task_id": {"value": tid}, "framework_id": {"value": fw.id},
+                "executor_id": {"value": tid}, "state": "TASK_RUNNING",
+                "resources": Resources.parse("cpus:1;mem:64").to_json()}
+               for tid, fw in tasks],
+        frameworks=[fw.info for fw in frameworks]))
+    clock.advance(0)  # the registry write
+    return link
+
+
+def resubscribe(master, clock, fw):
+    stream = FakeStream()
+    info = master.validate_subscribe({"subscribe": {"framework_info": fw.info},
+                                      "framework_id": {"value": fw.id}})
+    master.subscribe(info, stream, "sid-new")
+    clock.advance(0)
+    return stream
+
+
+def reconcile(master, fw, stream, *items):
+    before = len(stream.of("UPDATE"))
+    master.reconcile(fw, {"reconcile": {"tasks": [
+        {"task_id": {"value": tid}, **({"agent_id": {"value": aid}} if aid else {})}
+        for tid, aid in items]}})
+    return [(u["status"]["task_id"]["value"], u["status"]["state"])
+            for u in stream.of("UPDATE")[before:]]
+
+
+def test_a_new_framework_is_in_the_registry_before_it_is_subscribed(clock, registry):
+    """SUBSCRIBED (with the new id) is sent only once the framework is durable."""
+    m = new_master(clock, registry)
+    stream = FakeStream()
+    info = m.validate_subscribe({"subscribe": {"framework_info": {
+        "user": "u", "name": "f", "failover_timeout": 5}}})
+    m.subscribe(info, stream, "sid")
+    assert stream.of("SUBSCRIBED") == [] and registry.records["frameworks"] == {}
+    clock.advance(0)
+    fid = stream.of("SUBSCRIBED")[0]["framework_id"]["value"]
+    assert registry.records["frameworks"][fid]["info"]["failover_timeout"] == 5
+    m.stop()
+
+
+def test_frameworks_that_do_not_come_back_are_removed_after_their_failover_timeout(
+        clock, registry, old):
+    """A new leader recreates registered frameworks disconnected; each is removed (and
+    leaves the registry) when its own failover_timeout runs out."""
+    _, _, fw1, fw2 = old
+    m = new_master(clock, registry)
+    assert {fw1.id, fw2.id} <= set(m.frameworks)
+    assert not m.frameworks[fw1.id].connected
+    assert m.frameworks[fw1.id].info["failover_timeout"] == 60
+    clock.advance(61)
+    assert fw1.id not in m.frameworks and fw1.id not in registry.records["frameworks"]
+    assert fw2.id in m.frameworks
+    m.stop()
+
+
+def test_a_framework_resubscribes_with_its_registry_id(clock, registry, old):
+    """The new leader accepts the returning id, answers SUBSCRIBED with it, and the failover
+    timer stops; a torn-down framework leaves the registry."""
+    _, _, fw1, _ = old
+    m = new_master(clock, registry)
+    stream = resubscribe(m, clock, fw1)
+    assert stream.of("SUBSCRIBED")[0]["framework_id"]["value"] == fw1.id
+    clock.advance(120)
+    fw = m.frameworks[fw1.id]
+    assert fw.connected and fw.name == "f"
+    m.teardown(fw)
+    clock.advance(0)
+    assert fw1.id not in registry.records["frameworks"]
+    m.stop()
+
+
+def test_agent_that_reregisters_in_time_keeps_its_tasks(clock, registry, old):
+    """An admitted agent back within the timeout brings its tasks; nothing is marked
+    unreachable when the timeout passes."""
+    _, agent_id, fw1, fw2 = old
+    m = new_master(clock, registry)
+    s1 = resubscribe(m, clock, fw1)
+    reregister(m, clock, agent_id, [("t1", fw1), ("t2", fw2)], [fw1, fw2])
+    clock.advance(REREGISTER + 1)
+    assert agent_id in m.agents and registry.agents[agent_id][0] == "admitted"
+    assert m.frameworks[fw1.id].tasks["t1"].state == "TASK_RUNNING"
+    assert reconcile(m, m.frameworks[fw1.id], s1, ("t1", agent_id)) == [("t1", "TASK_RUNNING")]
+    m.stop()
+
+
+def test_agents_not_back_within_the_timeout_are_unreachable(clock, registry, old):
+    """Past --agent-reregister-timeout the agent is unreachable (in the registry too);
+    when it returns, tasks of frameworks that are not PARTITION_AWARE are killed."""
+    _, agent_id, fw1, fw2 = old
+    m = new_master(clock, registry)
+    s1, s2 = resubscribe(m, clock, fw1), resubscribe(m, clock, fw2)
+    clock.advance(REREGISTER + 1)
+    assert registry.agents[agent_id][0] == "unreachable"
+    assert s1.of("FAILURE")[0]["agent_id"]["value"] == agent_id
+    f1, f2 = m.frameworks[fw1.id], m.frameworks[fw2.id]
+    assert reconcile(m, f1, s1, ("t1", agent_id)) == [("t1", "TASK_LOST")]
+    assert reconcile(m, f2, s2, ("t2", agent_id)) == [("t2", "TASK_UNREACHABLE")]
+    link = reregister(m, clock, agent_id, [("t1", fw1), ("t2", fw2)], [fw1, fw2])
+    assert [s.framework_id for s in link.of(protocol.ShutdownFramework)] == [fw1.id]
+    assert reconcile(m, f2, s2, ("t2", agent_id)) == [("t2", "TASK_RUNNING")]
+    m.stop()
+
+
+def test_reconciliation_waits_for_agents_that_may_still_reregister(clock, registry, old):
+    """During the re-register window the master does not answer for tasks it does not
+    know that may be on a recovering agent (or on no named agent); implicit reconciliation
+    sends only what it knows. After the agent is back it answers."""
+    _, agent_id, fw1, fw2 = old
+    m = new_master(clock, registry)
+    s1, s2 = resubscribe(m, clock, fw1), resubscribe(m, clock, fw2)
+    f1, f2 = m.frameworks[fw1.id], m.frameworks[fw2.id]
+    assert reconcile(m, f1, s1, ("t1", agent_id), ("t1", None)) == []
+    assert reconcile(m, f2, s2, ("t2", agent_id)) == []
+    assert reconcile(m, f2, s2) == []  # implicit: nothing known yet
+    assert reconcile(m, f2, s2, ("x", "no-such-agent")) == [("x", "TASK_UNKNOWN")]
+    reregister(m, clock, agent_id, [("t1", fw1), ("t2", fw2)], [fw1, fw2])
+    assert reconcile(m, f2, s2) == [("t2", "TASK_RUNNING")]
+    assert reconcile(m, f2, s2, ("x", agent_id)) == [("x", "TASK_GONE")]
+    assert reconcile(m, f1, s1, ("x", None)) == [("x", "TASK_LOST")]
+    m.stop()
+
+
+def test_a_gone_agent_stays_refused_after_failover(clock, registry, old):
+    """An agent marked gone by the old leader cannot re-register with the new one."""
+    old_master, agent_id, _, _ = old
+    registry.records["agents"][agent_id] = ("gone", registry.agents[agent_id][1])
+    m = new_master(clock, registry)
+    link = reregister(m, clock, agent_id, [], [])
+    assert link.of(protocol.AgentRefused) and agent_id not in m.agents
+    m.stop()
+
+
+def test_weights_are_recovered(clock, registry):
+    """Role weights in the registry are set in the new leader's allocator."""
+    registry.records["weights"]["eng"] = 3.0
+    m = new_master(clock, registry)
+    assert m.allocator.weights() == {"eng": 3.0}
+    m.stop()
+
+
+def test_update_weights_is_durable_then_applied_and_survives_failover(clock, registry):
+    """UPDATE_WEIGHTS writes the registry before the allocator changes; a new leader has the
+    weights; bad weights are refused with a 400 that says why."""
+    from master.api.views import roles
+    from master.master import CallError
+
+    m = new_master(clock, registry)
+    done = []
+    m.update_weights([{"role": "eng", "weight": 2.5}]).addCallback(done.append)
+    assert not done and "eng" not in m.allocator.weights()
+    clock.advance(0)
+    assert done and m.allocator.weights() == {"eng": 2.5}
+    assert registry.records["weights"] == {"eng": 2.5}
+    for bad in ([{"role": "eng", "weight": 0}], [{"weight": 1}], "x"):
+        with pytest.raises(CallError) as e:
+            m.update_weights(bad)
+        assert e.value.status == 400
+    m.stop()
+    m2 = new_master(clock, registry)
+    assert m2.allocator.weights() == {"eng": 2.5}
+    _, fw = subscribe(m2, clock, role="eng")
+    assert [r["weight"] for r in roles(m2) if r["name"] == "eng"] == [2.5]
+    m2.stop()
+
+
+def test_get_agents_lists_agents_expected_to_reregister(clock, registry, old):
+    """GET_AGENTS' recovered_agents holds the agents the registry knows that have not come
+    back yet; they leave it when they re-register."""
+    from master.api.views import v1_agents
+
+    _, agent_id, fw1, fw2 = old
+    m = new_master(clock, registry)
+    assert [a["id"]["value"] for a in v1_agents(m)["recovered_agents"]] == [agent_id]
+    reregister(m, clock, agent_id, [], [])
+    assert v1_agents(m)["recovered_agents"] == []
+    m.stop()
+
+
+def test_an_elected_master_serves_only_once_it_has_read_the_registry(clock):
+    """Between election and the end of the registry read the master does not lead (API
+    calls get 503) and agent registrations are held, then handled once it has recovered."""
+    import types
+
+    from twisted.internet import defer
+
+    from master.service import MasterService
+
+    svc = MasterService(clock, zk="zk://127.0.0.1:1/agora", registry="in_memory")
+    pending = defer.Deferred()
+    svc.registry.load = lambda: pending
+    svc.election = types.SimpleNamespace(leading=True, leader=None)
+    svc._leading_changed(True)
+    assert not svc.leading
+    held = []
+    assert svc._after_recovery(lambda: held.append("registration"))
+    pending.callback({"agents": {}, "frameworks": {}, "weights": {}})
+    assert held == ["registration"] and svc.leading
+    assert not svc._after_recovery(lambda: None)
+    svc.master.stop()
