@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
+from agent.containerizer.launcher import proc_stats
+
 #: (containers) -> {container_id: statistics fields}; a container with no live process may
 #: be absent.
 UsageFunction = Callable[[list], dict]
@@ -34,25 +36,10 @@ def proc_usage(sessions: Iterable[int]) -> dict[int, dict]:
     wanted = set(sessions)
     totals = {sid: {"processes": 0, "threads": 0, "cpus_user_time_secs": 0.0,
                     "cpus_system_time_secs": 0.0, "mem_rss_bytes": 0} for sid in wanted}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return {}
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue  # it ended while we looked
-        # After the parenthesised command name: state ppid pgrp session tty tpgid flags
-        # minflt cminflt majflt cmajflt utime stime cutime cstime priority nice threads
-        # itrealvalue starttime vsize rss ...
-        fields = stat[stat.rfind(b")") + 2:].split()
+    for _, fields in proc_stats() or ():
         try:
             sid = int(fields[3])
-            if sid not in wanted or fields[0] in (b"Z", b"X"):
+            if sid not in wanted:
                 continue
             utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
             threads, rss = int(fields[17]), int(fields[21])

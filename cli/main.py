@@ -8,16 +8,6 @@ import tempfile
 from agora.resources import Resources
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return text, 5050
-    try:
-        return host, int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
-
-
 def _master(text: str):
     from agent.master_detector import parse_master
     try:

@@ -60,13 +60,18 @@ def describe_status(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-def session_members(sid: int) -> list[int] | None:
-    """Pids of the live (non-zombie) processes in session `sid`; None if /proc is unusable."""
-    members = []
+def proc_stats() -> list[tuple[int, list[bytes]]] | None:
+    """(pid, stat fields) of every live (non-zombie) process; None if /proc is unusable.
+
+    The fields are those of /proc/<pid>/stat after the command name: state ppid pgrp session
+    tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime priority nice
+    threads itrealvalue starttime vsize rss ...
+    """
     try:
         names = os.listdir("/proc")
     except OSError:
         return None
+    out = []
     for name in names:
         if not name.isdigit():
             continue
@@ -77,10 +82,17 @@ def session_members(sid: int) -> list[int] | None:
             continue  # it ended while we looked
         # The command name is in parentheses and may itself hold spaces and parentheses.
         fields = stat[stat.rfind(b")") + 2:].split()
-        # fields: state ppid pgrp session ...
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
-            members.append(int(name))
-    return members
+        if len(fields) > 3 and fields[0] not in (b"Z", b"X"):
+            out.append((int(name), fields))
+    return out
+
+
+def session_members(sid: int) -> list[int] | None:
+    """Pids of the live (non-zombie) processes in session `sid`; None if /proc is unusable."""
+    stats = proc_stats()
+    if stats is None:
+        return None
+    return [pid for pid, fields in stats if int(fields[3]) == sid]
 
 
 def signal_session(sid: int, sig: int) -> int:

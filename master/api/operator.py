@@ -9,6 +9,7 @@ from agora import recordio
 from agora.resources import Resources
 from agora.http import HTTPError, Response, StreamingResponse, json_response
 from master.api import views
+from master.api.scheduler import redirect_to_leader
 from master.master import CallError, Master
 
 
@@ -28,13 +29,8 @@ class OperatorAPI:
         if not isinstance(call, dict) or not isinstance(call.get("type"), str):
             raise HTTPError(400, "Expecting 'type' to be present")
         kind = call["type"]
-        if self.leader is not None and kind not in _LOCAL_CALLS:
-            leading, where = self.leader()
-            if not leading:
-                if where:
-                    raise HTTPError(307, "Not the leading master",
-                                    headers={"Location": f"//{where}{request.path}"})
-                raise HTTPError(503, "No leader elected")
+        if kind not in _LOCAL_CALLS:
+            redirect_to_leader(self.leader, request.path)
         if kind == "SUBSCRIBE":
             return StreamingResponse(start=self._subscribe)
         if kind == "UPDATE_WEIGHTS":

@@ -32,6 +32,22 @@ _CALLS = {
 }
 
 
+def redirect_to_leader(leader, path: str) -> None:
+    """On a follower, answer 307 to the same path at the leader (503 when none is known).
+
+    `leader` is None on a master without ZooKeeper, or a callable returning
+    (is_leader, "host:port" of the leader or None).
+    """
+    if leader is None:
+        return
+    leading, where = leader()
+    if not leading:
+        if where:
+            raise HTTPError(307, "Not the leading master",
+                            headers={"Location": f"//{where}{path}"})
+        raise HTTPError(503, "No leader elected")
+
+
 def _content_type_ok(request) -> bool:
     ctype = (request.header("content-type") or "").split(";")[0].strip().lower()
     return ctype == "application/json"
@@ -45,13 +61,7 @@ class SchedulerAPI:
         self.leader = leader  # callable -> (is_leader, "host:port" of the leader or None)
 
     def __call__(self, request):
-        if self.leader is not None:
-            leading, where = self.leader()
-            if not leading:
-                if where:
-                    raise HTTPError(307, "Not the leading master",
-                                    headers={"Location": f"//{where}{request.path}"})
-                raise HTTPError(503, "No leader elected")
+        redirect_to_leader(self.leader, request.path)
         if not _content_type_ok(request):
             raise HTTPError(415, "Expecting 'Content-Type' of application/json")
         call = request.json()
