@@ -978,7 +978,6 @@ class Master:
             if mj.is_terminal(task.state):
                 task.resources_recovered = True
         for fid in shutdown:
-            link.send(protocol.ShutdownFramework(framework_id=fid))
             agent.executors.pop(fid, None)
         self.allocator.add_agent(agent_id, total, used=agent.used())
         if not agent.active:
@@ -986,6 +985,9 @@ class Master:
         self.metrics["slave_reregistrations"] += 1
         link.send(protocol.AgentRegistered(agent_id=agent_id, master_id=self.id,
                                            ping_interval=self.agent_ping_timeout))
+        # After AgentRegistered: an agent drops what the master sends before it.
+        for fid in shutdown:
+            link.send(protocol.ShutdownFramework(framework_id=fid))
         for task in agent.tasks.values():
             if task.kill_requested and not mj.is_terminal(task.state):
                 link.send(protocol.KillTask(framework_id=task.framework_id, task_id=task.id))

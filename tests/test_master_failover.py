@@ -8,10 +8,12 @@ import json
 import time
 import uuid
 
+import pytest
+
 from tests.cluster import AgentProcess, MasterProcess, get_json, post_json, wait_for
 from tests.schedulers import Recorder, start_driver, unique
 from tests.zookeeper import kazoo_client
-from tests.zookeeper import zk_server  # noqa: F401  (fixture)
+from tests.zookeeper import zk_ensemble, zk_server  # noqa: F401  (fixtures)
 
 SESSION_TIMEOUT = 3.0
 TASKS = 20
@@ -33,12 +35,16 @@ def running_tasks(m, fid: str) -> set:
             for t in f["tasks"] if t["state"] == "TASK_RUNNING"}
 
 
-def test_sigkill_the_leader_and_no_task_is_lost(zk_server, tmp_path):
+# Against one ZooKeeper server, and against a 3-node ensemble (`zk://h1,h2,h3/…`).
+@pytest.mark.parametrize("zk", ["zk_server", "zk_ensemble"])
+def test_sigkill_the_leader_and_no_task_is_lost(zk, request, tmp_path):
     """20 `sleep 300` tasks; SIGKILL the leading master: the other leads within 10 s, pymesos
     re-subscribes, the agent re-registers and the new leader knows all 20 tasks RUNNING (and
     the framework from the ZooKeeper registry); no task is reported lost."""
+    zk = request.getfixturevalue(zk)
+    hosts = zk.address if hasattr(zk, "address") else zk.hosts
     path = f"/agora-{uuid.uuid4().hex[:8]}"
-    url = f"zk://{zk_server.address}{path}"
+    url = f"zk://{hosts}{path}"
     args = ["--zk", url, "--zk-session-timeout", str(SESSION_TIMEOUT),
             "--agent-reregister-timeout", "60"]
     m1 = MasterProcess(tmp_path, args, name="m1")
@@ -72,7 +78,7 @@ def test_sigkill_the_leader_and_no_task_is_lost(zk_server, tmp_path):
                     if u["state"] in ("TASK_LOST", "TASK_UNREACHABLE", "TASK_KILLED",
                                       "TASK_FAILED", "TASK_GONE")]
 
-        client = kazoo_client(zk_server.address)
+        client = kazoo_client(hosts)
         try:
             assert all(c.startswith("json.info_") for c in client.get_children(path))
             data, _ = client.get(f"{path}_registry/frameworks/{fid}")
