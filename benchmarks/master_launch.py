@@ -904,6 +904,16 @@ def main(argv=None) -> int:
     from twisted.internet import reactor
 
     bench = Bench(reactor, args, tempfile.mkdtemp(prefix="agora-bench-"))
+    status = run_bench(reactor, bench)
+    fig = bench.fig
+    fig.update(loadavg_after=load_average(), cpus=os.cpu_count(),
+               python=sys.version.split()[0])
+    print(" ".join(f"{k}={v}" for k, v in fig.items()), flush=True)
+    return status
+
+
+def run_bench(reactor, bench) -> int:
+    """Run `bench.run()` under the reactor, then `bench.stop()`; 0 on success, else 1."""
     outcome = []
 
     def failed(f):
@@ -919,10 +929,6 @@ def main(argv=None) -> int:
 
     reactor.callWhenRunning(go)
     reactor.run()
-    fig = bench.fig
-    fig.update(loadavg_after=load_average(), cpus=os.cpu_count(),
-               python=sys.version.split()[0])
-    print(" ".join(f"{k}={v}" for k, v in fig.items()), flush=True)
     return outcome[0] if outcome else 1
 
 
