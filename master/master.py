@@ -911,6 +911,9 @@ class Master:
                                                     "start it with a clean work dir"))
             link.close()
             return
+        if registered == ("admitted", info):  # already durable as it is: nothing to write
+            self._readmitted(link, msg, info, total)
+            return
         d = self.registrar.admit(agent_id, info)
         d.addCallback(lambda _: self._readmitted(link, msg, info, total))
         d.addErrback(lambda f: log.failure("Registry write failed", f))

@@ -202,7 +202,8 @@ class ZooKeeperRegistry(MemoryRegistry):
         return records
 
     def apply(self, ops: list) -> defer.Deferred:
-        existing = {(kind, key) for kind, values in self.records.items() for key in values}
+        # Only the batch's own keys matter (create or set?): not a set of every record.
+        existing = {(kind, key) for _, kind, key, _ in ops if key in self.records.get(kind, {})}
         d = self.session.run(self._write, ops, existing)
         return d.addCallback(lambda _: self._apply_view(ops))
 
