@@ -31,7 +31,8 @@ class Link(Protocol):
         self.connected = True
         if self.send_prefix:
             self.transport.write(protocol.PREFIX)
-        self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
+        if hasattr(self.transport, "setTcpNoDelay"):  # not on in-memory test transports
+            self.transport.setTcpNoDelay(True)
 
     def dataReceived(self, data: bytes):
         if self._skip:  # the server side sees the sniffed prefix first

@@ -16,9 +16,10 @@ from twisted.logger import Logger
 
 from agora import mesos_json as mj
 from agora import protocol, recordio
-from agora.resources import Resources
+from agora.resources import Resources, validate_role
 from master.allocator.allocator import Allocator
-from master.records import Agent, Executor, Framework, OfferRecord, Task
+from master.records import (Agent, Executor, Framework, OfferRecord, Task, capabilities_of,
+                            roles_of)
 
 log = Logger()
 
@@ -253,7 +254,7 @@ class Master:
         info = dict(sub["framework_info"])
         if not isinstance(info.get("user"), str):
             raise CallError(400, "Expecting 'framework_info.user' to be present")
-        caps = {c.get("type") for c in info.get("capabilities", []) if isinstance(c, dict)}
+        caps = capabilities_of(info)
         if "roles" in info and "MULTI_ROLE" not in caps:
             raise CallError(400, "'FrameworkInfo.roles' is set but the framework does not "
                                  "have the MULTI_ROLE capability")
@@ -264,9 +265,10 @@ class Master:
         if not isinstance(roles, list) or not all(isinstance(r, str) and r for r in roles):
             raise CallError(400, "Framework roles must be non-empty strings")
         for role in roles:
-            if role != "*" and (role.startswith(("-", ".")) or "/" in role.strip("/") and
-                                role.startswith("/") or any(c in role for c in " \t\n")):
-                raise CallError(400, f"Invalid role '{role}'")
+            try:
+                validate_role(role)
+            except ValueError as e:
+                raise CallError(400, f"Invalid role: {e}") from None
         fid = mj.id_of(call, "framework_id", required=False) or mj.id_of(info, "id", False)
         if fid:
             info["id"] = mj.ident(fid)
@@ -278,8 +280,7 @@ class Master:
     def subscribe(self, info: dict, stream, stream_id: str) -> None:
         """Attach a new or returning framework to its event stream."""
         fid = mj.id_of(info, "id", required=False)
-        caps = {c.get("type") for c in info.get("capabilities", []) if isinstance(c, dict)}
-        roles = tuple(info.get("roles") if "MULTI_ROLE" in caps else [info.get("role", "*")])
+        roles = roles_of(info)
         fw = self.frameworks.get(fid) if fid else None
         if fw is None:
             if not fid:
@@ -819,8 +820,7 @@ class Master:
             raise CallError(400, "'update_framework.framework_info.id' must be the "
                                  "framework's id")
         probe = self.validate_subscribe({"subscribe": {"framework_info": info}})
-        caps = {c.get("type") for c in probe.get("capabilities", []) if isinstance(c, dict)}
-        roles = tuple(probe.get("roles") if "MULTI_ROLE" in caps else [probe.get("role", "*")])
+        roles = roles_of(probe)
         if probe != fw.info:
             self.registrar.put_framework(fw.id, probe, fw.registered_time)
         fw.info = probe
@@ -1000,8 +1000,7 @@ class Master:
 
     def _recover_framework(self, fid: str, info: dict) -> Framework:
         info = dict(info, id=mj.ident(fid))
-        caps = {c.get("type") for c in info.get("capabilities", []) if isinstance(c, dict)}
-        roles = tuple(info.get("roles") if "MULTI_ROLE" in caps else [info.get("role", "*")])
+        roles = roles_of(info)
         fw = Framework(id=fid, info=info, roles=roles, registered_time=self.now())
         self.frameworks[fid] = fw
         self.allocator.add_framework(fid, roles, used={}, active=False)

@@ -7,6 +7,18 @@ import attrs
 from agora.resources import Resources
 
 
+def capabilities_of(info: dict) -> set:
+    """The capability names in a FrameworkInfo."""
+    return {c.get("type") for c in info.get("capabilities", []) if isinstance(c, dict)}
+
+
+def roles_of(info: dict) -> tuple:
+    """The roles a (valid) FrameworkInfo subscribes to: `roles` with MULTI_ROLE, else `role`."""
+    if "MULTI_ROLE" in capabilities_of(info):
+        return tuple(info.get("roles") or ())
+    return (info.get("role", "*"),)
+
+
 @attrs.define(eq=False)
 class Task:
     """A task as the master knows it: the latest state the agent reported."""
@@ -60,7 +72,7 @@ class Framework:
 
     @property
     def capabilities(self) -> set:
-        return {c.get("type") for c in self.info.get("capabilities", []) if isinstance(c, dict)}
+        return capabilities_of(self.info)
 
     @property
     def partition_aware(self) -> bool:

@@ -254,3 +254,17 @@ def test_deactivate_and_reactivate_agent(master, clock):
     master.reactivate_agent(master.agents[agent_id])
     clock.advance(0)
     assert stream.of("OFFERS")
+
+
+@pytest.mark.parametrize("role", ["a//b", "-x", "a/..", "with space", "/lead", "*/x"])
+def test_subscribe_rejects_invalid_roles(master, role):
+    """SUBSCRIBE with a role Mesos would reject gets 400 with the reason."""
+    with pytest.raises(CallError) as e:
+        master.validate_subscribe({"subscribe": {"framework_info": {"user": "u", "role": role}}})
+    assert e.value.status == 400 and "Invalid role" in e.value.message
+
+
+def test_subscribe_accepts_hierarchical_roles(master):
+    """Roles such as '*', 'eng' and 'eng/web' are accepted."""
+    for role in ("*", "eng", "eng/web"):
+        master.validate_subscribe({"subscribe": {"framework_info": {"user": "u", "role": role}}})
