@@ -787,10 +787,8 @@ class Agent:
         log.warn("Executor {eid} did not subscribe within {t}; killing it",
                  eid=executor.executor_id, t=timeout)
         self.metrics["executor_registration_timeouts"] += 1
-        executor.termination = ("TASK_FAILED", "REASON_EXECUTOR_REGISTRATION_TIMEOUT",
-                                f"Executor did not register within {timeout}")
-        executor.state = st.TERMINATING
-        executor.container.destroy(0)
+        self._kill_silent_executor(executor, "REASON_EXECUTOR_REGISTRATION_TIMEOUT",
+                                   f"Executor did not register within {timeout}")
 
     # --- the executor API (ExecutorHost) ------------------------------------------------
 
@@ -1142,8 +1140,12 @@ class Agent:
         timeout = mj.format_duration(self.executor_reregistration_timeout)
         log.warn("Recovered executor {eid} did not re-subscribe within {t}; killing it",
                  eid=executor.executor_id, t=timeout)
-        executor.termination = ("TASK_FAILED", "REASON_EXECUTOR_REREGISTRATION_TIMEOUT",
-                                f"Executor did not re-register within {timeout}")
+        self._kill_silent_executor(executor, "REASON_EXECUTOR_REREGISTRATION_TIMEOUT",
+                                   f"Executor did not re-register within {timeout}")
+
+    def _kill_silent_executor(self, executor: st.Executor, reason: str, message: str) -> None:
+        """Kill an executor that never (re)subscribed; its tasks fail with `reason`."""
+        executor.termination = ("TASK_FAILED", reason, message)
         executor.state = st.TERMINATING
         executor.container.destroy(0)
 

@@ -59,20 +59,12 @@ class Resubscriber(Scheduler):
         self.running = old.running
         self.first_offer_at = None
 
-    def subscribe(self) -> defer.Deferred:
-        body = json.dumps({"type": "SUBSCRIBE", "framework_id": {"value": self.framework_id},
-                            "subscribe": {"framework_info": {
-                                "user": "root", "name": self.name, "failover_timeout": 3600,
-                                "id": {"value": self.framework_id}}}}).encode()
-        request = (f"POST /api/v1/scheduler HTTP/1.1\r\nHost: {self.address[0]}:"
-                   f"{self.address[1]}\r\nContent-Type: application/json\r\n"
-                   f"Accept: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                   ).encode() + body
-        stream = _EventStream(request, self._on_head, self._on_event, self._on_lost)
-        self.subscribe_sent = time.monotonic()
-        self.reactor.connectTCP(self.address[0], self.address[1],
-                                _Factory(stream, self.subscribed.errback))
-        return self.subscribed
+    def subscribe_call(self) -> dict:
+        """SUBSCRIBE again under the framework's id, as a failed-over scheduler does."""
+        call = super().subscribe_call()
+        call["framework_id"] = {"value": self.framework_id}
+        call["subscribe"]["framework_info"]["id"] = {"value": self.framework_id}
+        return call
 
     def _offers(self, offers: list) -> None:
         if self.first_offer_at is None:

@@ -384,9 +384,13 @@ class Scheduler:
 
     # -- the stream --
 
+    def subscribe_call(self) -> dict:
+        """The SUBSCRIBE call this scheduler sends."""
+        return {"type": "SUBSCRIBE", "subscribe": {"framework_info": {
+            "user": "root", "name": self.name, "failover_timeout": 3600}}}
+
     def subscribe(self) -> defer.Deferred:
-        body = json.dumps({"type": "SUBSCRIBE", "subscribe": {"framework_info": {
-            "user": "root", "name": self.name, "failover_timeout": 3600}}}).encode()
+        body = json.dumps(self.subscribe_call()).encode()
         request = (f"POST /api/v1/scheduler HTTP/1.1\r\nHost: {self.address[0]}:"
                    f"{self.address[1]}\r\nContent-Type: application/json\r\n"
                    f"Accept: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
