@@ -547,9 +547,7 @@ class Master:
                                          agent_id=mj.id_of(task, "agent_id", False))
             return
         agent = self.agents[offers[0].agent_id]
-        available = Resources()
-        for offer in offers:
-            available = available + offer.resources
+        available = Resources.sum(o.resources for o in offers)
         seen: set = set()
         for op in operations:
             kind = op.get("type") if isinstance(op, dict) else None

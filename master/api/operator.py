@@ -134,8 +134,8 @@ def metrics_snapshot(master: Master) -> dict:
     by_state: dict[str, int] = {}
     for t in tasks:
         by_state[t.state] = by_state.get(t.state, 0) + 1
-    total = sum((a.total for a in m.agents.values()), start=Resources())
-    used = sum((r for a in m.agents.values() for r in a.used().values()), start=Resources())
+    total = Resources.sum(a.total for a in m.agents.values())
+    used = Resources.sum(r for a in m.agents.values() for r in a.used().values())
     out = {
         "master/elected": 1.0, "master/uptime_secs": m.now() - m.start_time,
         "master/frameworks_active": float(sum(f.connected for f in m.frameworks.values())),

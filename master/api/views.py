@@ -50,16 +50,9 @@ def legacy_task(task: Task) -> dict:
     return view
 
 
-def _sum(resources) -> Resources:
-    total = Resources()
-    for r in resources:
-        total = total + r
-    return total
-
-
 def legacy_framework(master: Master, fw: Framework) -> dict:
-    used = _sum(t.resources for t in fw.tasks.values() if not t.resources_recovered)
-    offered = _sum(master.offers[o].resources for o in fw.offers if o in master.offers)
+    used = Resources.sum(t.resources for t in fw.tasks.values() if not t.resources_recovered)
+    offered = Resources.sum(master.offers[o].resources for o in fw.offers if o in master.offers)
     info = fw.info
     return {
         "id": fw.id, "name": fw.name, "user": info.get("user", ""),
@@ -87,8 +80,8 @@ def legacy_framework(master: Master, fw: Framework) -> dict:
 
 
 def legacy_agent(master: Master, agent: Agent) -> dict:
-    used = _sum(r for r in agent.used().values())
-    offered = _sum(master.offers[o].resources for o in agent.offers if o in master.offers)
+    used = Resources.sum(agent.used().values())
+    offered = Resources.sum(master.offers[o].resources for o in agent.offers if o in master.offers)
     return {
         "id": agent.id, "pid": agent.pid, "hostname": agent.hostname, "port": agent.port,
         "registered_time": agent.registered_time,
@@ -172,7 +165,7 @@ def roles(master: Master) -> list:
             entry = out.setdefault(role, {"name": role, "weight": weights.get(role, 1.0),
                                           "frameworks": [], "resources": Resources()})
             entry["frameworks"].append(fw.id)
-        used = _sum(t.resources for t in fw.tasks.values() if not t.resources_recovered)
+        used = Resources.sum(t.resources for t in fw.tasks.values() if not t.resources_recovered)
         if fw.roles:
             out[fw.roles[0]]["resources"] = out[fw.roles[0]]["resources"] + used
     return list(out.values())
