@@ -235,7 +235,8 @@ def test_pymesos_detector_agrees_on_the_leader(zk_server, candidates):
         wait_for(lambda: seen and seen[-1] == "127.0.0.1:5050", 5, what="pymesos to see a")
         a.close()
         wait_for(lambda: seen[-1] == "127.0.0.1:5051", 5, what="pymesos to see b")
-        assert b.leading
+        # b's own watch may fire a moment after pymesos's: both see the same znode go.
+        wait_for(lambda: b.leading, 5, what="b to lead")
     finally:
         detector.stop()
 
