@@ -54,14 +54,17 @@ from agent import checkpoint, monitor, sandbox, users
 from agent import files as sandbox_files
 from agent import gc as sandbox_gc
 from agent import state as st
-from agent.containerizer.launcher import LaunchSpec, PosixLauncher, describe_status
+from agent import containerizer as containerizers
+from agent.containerizer.containerizer import TaskProcess
+from agent.containerizer.launcher import LaunchError, LaunchSpec, describe_status
 from agent.containerizer.launcher import recover as launcher_recover
 from agent.containerizer.launcher import signal_session
+from isolators.interface import ContainerConfig, ContainerState
 from agent.detect import detect_resources, parse_attributes
 from agent.endpoints import AgentEndpoints
 from agent.executor_api import ExecutorAPI, validate_status
 from agent.executors.command import (
-    SWITCH_USER_VARIABLE, command_argv, environment_variables, task_user)
+    SWITCH_USER_VARIABLE, command_argv, environment_variables, task_user, task_variables)
 from agent.fetcher import FetchError, Fetcher
 from agent.master_detector import ZooKeeperMaster, parse_master
 from agent.master_link import MasterLink
@@ -77,6 +80,9 @@ RECOVERY_TIMEOUT = "15mins"  # what checkpointing executors are told (Mesos's de
 EXECUTOR_HEARTBEAT_INTERVAL = 30 * 60.0  # Mesos: DEFAULT_EXECUTOR_HEARTBEAT_INTERVAL
 FETCHER_CACHE_SIZE = 2 * 1024**3  # Mesos: --fetcher_cache_size=2GB
 RECOVER_MODES = ("reconnect", "cleanup")
+#: What a command task's container gets for our executor, on top of the task (Mesos's
+#: DEFAULT_EXECUTOR_CPUS and DEFAULT_EXECUTOR_MEM); not offered, only in the limits.
+COMMAND_EXECUTOR_OVERHEAD = Resources.parse("cpus:0.1;mem:32")
 
 
 class RecoveryError(Exception):
@@ -101,11 +107,15 @@ class Agent:
                  executor_heartbeat_interval: float = EXECUTOR_HEARTBEAT_INTERVAL,
                  usage: monitor.UsageFunction | None = None,
                  zk_session_timeout: float = 10.0, recover: str = "reconnect",
-                 executor_reregistration_timeout: float = 10.0):
+                 executor_reregistration_timeout: float = 10.0, launcher: str = "posix",
+                 isolation: str | None = None, container_flags: dict | None = None):
         """`disk_usage()` (the used fraction of the work dir's disk, for the sandbox
         collector) and `usage(containers)` (see `agent.monitor`) replace the host-reading
         defaults, for tests and for containerizers that measure better. `master` is
-        `(host, port)` or a `zk://` URL (str or ZkUrl): then the leader is followed."""
+        `(host, port)` or a `zk://` URL (str or ZkUrl): then the leader is followed.
+        `launcher` ("posix" or "linux"), `isolation` (isolator names) and `container_flags`
+        (runtime_dir, cgroups_root, image and CNI settings: agent.containerizer.build) make
+        the containerizer; ValueError for a combination that cannot work."""
         self.reactor = reactor
         if isinstance(master, str):
             master = parse_master(master)
@@ -143,7 +153,7 @@ class Agent:
         self.fetcher: Fetcher | None = None  # made in start(): it reads its cache directory
         self.switch_user = switch_user
         self.executor_heartbeat_interval = executor_heartbeat_interval
-        self.usage = usage or monitor.posix_usage
+        self._usage = usage
         self.files = sandbox_files.Files()
         self.gc = sandbox_gc.SandboxGC(
             reactor, self.work_dir, delay=gc_delay, headroom=gc_disk_headroom,
@@ -160,7 +170,14 @@ class Agent:
         self.frameworks: dict[str, st.Framework] = {}
         self.completed_frameworks: deque[st.Framework] = deque(maxlen=st.MAX_COMPLETED_FRAMEWORKS)
         self.metrics: Counter = Counter()
-        self.launcher = PosixLauncher(reactor)
+        self.launcher_name = launcher
+        self.container_flags = dict(container_flags or {})
+        self.isolation = containerizers.default_isolation(launcher) if isolation is None \
+            else isolation
+        self.containerizer = containerizers.build(
+            reactor, work_dir=self.work_dir, launcher=launcher, isolation=self.isolation,
+            flags=self.container_flags, python=python, code_root=CODE_ROOT,
+            on_limitation=self._limited)
         self.updates = StatusUpdates(reactor, self._send_update, status_update_retry,
                                      on_taken=self._journal_taken,
                                      on_acked=self._journal_acked)
@@ -180,24 +197,29 @@ class Agent:
     # --- life cycle ----------------------------------------------------------------------
 
     def start(self) -> Deferred:
-        """Listen on ip:port (0 = any free port, then `self.port` is the real one), then
-        connect to the master. Fires when listening."""
+        """Start the containerizer, recover what an earlier run left, listen on ip:port (0 =
+        any free port, then `self.port` is the real one), then connect to the master. Fires
+        when listening."""
+        d = self.containerizer.start()
+        d.addCallback(lambda _: self._recover_books())
+        d.addCallback(lambda _: self._listen())
+        return d
+
+    def _listen(self):
         router = Router()
         router.add("/api/v1/executor", ExecutorAPI(self), ("POST",))
         AgentEndpoints(self).install(router)
         for route in sandbox_files.routes(self.files):
             router.add(*route)
         factory = HTTPFactory(router, reactor=self.reactor, server_name="Agora agent")
-        try:
-            self._recover_books()
-            self.fetcher = Fetcher(self.fetcher_cache_dir, self.fetcher_cache_size)
-            self._listening = listen(self.reactor, self.port, factory, self.ip)
-        except Exception:
-            return fail()  # e.g. the port is taken: the caller's errback says so
+        self.fetcher = Fetcher(self.fetcher_cache_dir, self.fetcher_cache_size)
+        self._listening = listen(self.reactor, self.port, factory, self.ip)
         self.port = self._listening.getHost().port
         self.start_time = self.reactor.seconds()
-        log.info("Agent listening on {ip}:{port}, resources {res}, work dir {wd}", ip=self.ip,
-                 port=self.port, res=str(self.resources), wd=self.work_dir)
+        log.info("Agent listening on {ip}:{port}, resources {res}, work dir {wd}, launcher "
+                 "{launcher}, isolation {iso}", ip=self.ip, port=self.port,
+                 res=str(self.resources), wd=self.work_dir, launcher=self.launcher_name,
+                 iso=self.isolation)
         self.gc.start()
         if self.executor_heartbeat_interval > 0:
             self._heartbeat = LoopingCall(self._heartbeat_executors)
@@ -208,7 +230,7 @@ class Agent:
             self.detector = ZooKeeperMaster(self.reactor, self.master_zk, self._leader,
                                             session_timeout=self.zk_session_timeout)
             self.detector.start()
-        return succeed(self)
+        return self
 
     def _leader(self, host: str | None, port: int | None) -> None:
         self.master_address = (host, port)
@@ -233,11 +255,12 @@ class Agent:
                 if executor.stream is not None:
                     executor.stream.close()
                 if executor.container is not None:
-                    waits.append(executor.container.destroy(grace))
+                    waits.append(self.containerizer.destroy(executor.container, grace))
         if self._listening is not None:
             waits.append(self._listening.stopListening())
             self._listening = None
         d = DeferredList(waits, consumeErrors=True)
+        d.addCallback(lambda _: self.containerizer.stop())
         d.addCallback(lambda _: None)
         return d
 
@@ -249,7 +272,7 @@ class Agent:
             "ip": self.ip, "port": str(self.port), "hostname": self.hostname,
             "resources": self.resources_text or "", "attributes": self.attributes_text or "",
             "authenticatee": "shared_secret" if self.secret else "none",
-            "launcher": "posix", "isolation": "posix/cpu,posix/mem",
+            "launcher": self.launcher_name, "isolation": self.isolation,
             "executor_registration_timeout": mj.format_duration(
                 self.executor_registration_timeout),
             "executor_shutdown_grace_period": mj.format_duration(self.executor_shutdown_grace),
@@ -496,18 +519,25 @@ class Agent:
                 self._agent_update(executor, record, "TASK_FAILED",
                                    "REASON_CONTAINER_LAUNCH_FAILED", f"Invalid task: {e}")
             return
-        if not uris:
-            executor.queue.append(entry)
-            self._deliver(executor)
-            return
         # A group joining a running default executor: its URIs go into the shared sandbox
-        # first; the tasks wait (out of the queue) until they are there.
-        d = self._fetch(uris, executor.directory, self._executor_user(fw, executor))
-        d.addCallbacks(lambda _: self._joined(executor, entry),
+        # and its containers are prepared first; the tasks wait (out of the queue) until then.
+        d = self._fetch(uris, executor.directory, self._executor_user(fw, executor)) \
+            if uris else succeed(None)
+        if self.containerizer.linux and kind != st.CUSTOM:
+            d.addCallback(lambda _: self._prepare_joining(fw, executor, fresh))
+        d.addCallbacks(lambda _: self._joined(executor, entry, bool(uris)),
                        lambda failure: self._join_failed(executor, entry, failure))
 
-    def _joined(self, executor: st.Executor, entry: tuple[str, list[str]]) -> None:
-        self.metrics["fetches_succeeded"] += 1
+    def _prepare_joining(self, fw: st.Framework, executor: st.Executor, tasks: list) -> Deferred:
+        env = self._executor_environment(fw, executor, executor.directory)
+        config = self._container_config(fw, executor, None)
+        return self.containerizer.add_tasks(
+            config, self._task_processes(fw, executor, tasks, env))
+
+    def _joined(self, executor: st.Executor, entry: tuple[str, list[str]],
+                fetched: bool = True) -> None:
+        if fetched:
+            self.metrics["fetches_succeeded"] += 1
         if executor.state in (st.TERMINATING, st.TERMINATED) or self._stopping:
             return  # its tasks were settled when it ended
         executor.queue.append(entry)
@@ -515,7 +545,8 @@ class Agent:
 
     def _join_failed(self, executor: st.Executor, entry: tuple[str, list[str]],
                      failure) -> None:
-        self.metrics["fetches_failed"] += 1
+        if failure.check(FetchError):
+            self.metrics["fetches_failed"] += 1
         if executor.state == st.TERMINATED or self._stopping:
             return
         message = self._fetch_message(executor, failure)
@@ -586,6 +617,8 @@ class Agent:
     def _fetch_message(self, executor: st.Executor, failure) -> str:
         if failure.check(FetchError):
             return failure.getErrorMessage()
+        if failure.check(LaunchError):
+            return f"Failed to launch the container: {failure.getErrorMessage()}"
         log.failure("Fetching the URIs of executor {eid} failed unexpectedly", failure,
                     eid=executor.executor_id)
         return f"Failed to fetch URIs: {failure.getErrorMessage()}"
@@ -594,10 +627,22 @@ class Agent:
         directory = executor.directory
         try:
             spec = self._launch_spec(fw, executor, directory, run_as)
-            container = self.launcher.launch(executor.container_id, spec)
+            config = self._container_config(fw, executor, run_as)
+            tasks = self._task_processes(fw, executor, list(executor.tasks.values()), spec.env)
         except (OSError, ValueError) as e:
             self._launch_failed(fw, executor, f"Failed to launch the container: {e}")
             return
+        d = self.containerizer.launch(config, spec, builtin=executor.kind != st.CUSTOM,
+                                      tasks=tasks)
+        d.addCallbacks(lambda container: self._container_started(fw, executor, container),
+                       lambda failure: self._container_failed(fw, executor, failure))
+
+    def _container_started(self, fw: st.Framework, executor: st.Executor, container) -> None:
+        if executor.state != st.LAUNCHING or self._stopping:
+            # Shut down (or the agent stopped) while it was being launched.
+            self.containerizer.destroy(container)
+            return
+        directory = executor.directory
         executor.container = container
         if fw.checkpoint:
             self._checkpoint(checkpoint.meta_run_dir, (fw.framework_id, executor.executor_id,
@@ -611,6 +656,48 @@ class Agent:
             lambda status: self._executor_ended(fw.framework_id, executor, status))
         executor.registration_timer = self.reactor.callLater(
             self.executor_registration_timeout, self._registration_timed_out, executor)
+
+    def _container_failed(self, fw: st.Framework, executor: st.Executor, failure) -> None:
+        if executor.state != st.LAUNCHING or self._stopping:
+            return
+        if failure.check(LaunchError, OSError, ValueError):
+            message = failure.getErrorMessage()
+        else:
+            log.failure("Launching the container of executor {eid} failed", failure,
+                        eid=executor.executor_id)
+            message = failure.getErrorMessage()
+        self._launch_failed(fw, executor, f"Failed to launch the container: {message}")
+
+    def _container_config(self, fw: st.Framework, executor: st.Executor,
+                          run_as) -> ContainerConfig:
+        """The container as isolators see it: for a command task, the task's ContainerInfo
+        and resources plus our executor's overhead (Mesos's 0.1 cpus and 32 MB)."""
+        infos = [t.info for t in executor.tasks.values()]
+        resources = Resources.sum([Resources.from_json(executor.info.get("resources") or [])] +
+                                  [Resources.from_json(i.get("resources") or []) for i in infos])
+        if executor.kind == st.COMMAND:
+            resources = resources.flatten() + COMMAND_EXECUTOR_OVERHEAD
+            container_info = infos[0].get("container") if infos else None
+        else:
+            container_info = executor.info.get("container")
+        return ContainerConfig(
+            container_id=executor.container_id, directory=executor.directory,
+            resources=resources, executor_info=executor.info, task_infos=tuple(infos),
+            container_info=container_info, user=run_as.name if run_as is not None else None)
+
+    def _task_processes(self, fw: st.Framework, executor: st.Executor, tasks: list,
+                        executor_env: dict) -> list:
+        """What the containerizer needs to prepare each of our executor's tasks' containers."""
+        if executor.kind == st.CUSTOM or not self.containerizer.linux:
+            return []
+        base = {k: v for k, v in executor_env.items() if k.startswith("MESOS_") or k == "HOST"}
+        out = []
+        for task in tasks:
+            user = task_user(task.info, executor.info, fw.info) if self._switching() else None
+            out.append(TaskProcess(task_id=task.task_id, info=task.info,
+                                   variables={**base, **task_variables(task.info)},
+                                   user_name=user))
+        return out
 
     def _launch_failed(self, fw: st.Framework, executor: st.Executor, message: str) -> None:
         """The container could not be started: its tasks fail with CONTAINER_LAUNCH_FAILED."""
@@ -866,6 +953,8 @@ class Agent:
             status.setdefault("agent_id", mj.ident(self.agent_id))
             status.setdefault("executor_id", mj.ident(executor.executor_id))
             status.setdefault("source", "SOURCE_EXECUTOR")
+            if status.get("state") == "TASK_FAILED" and executor.container_id:
+                self._blame_limitation(executor, status)
             if self._take_update(executor, task, status):
                 self.metrics["valid_status_updates"] += 1
         # Taken (or already had): the executor may forget it.
@@ -897,6 +986,11 @@ class Agent:
             return False
         if any(s.get("uuid") == status.get("uuid") for s in task.statuses):
             return False  # taken before (an executor re-sends it after an agent restart)
+        if executor.container_id and "container_status" not in status:
+            container_status = self.containerizer.status(executor.container_id)
+            if container_status:
+                status["container_status"] = {
+                    "container_id": {"value": executor.container_id}, **container_status}
         # (A checkpointing framework's update is journaled inside `update`, before it is sent.)
         if not self.updates.update(executor.framework_id, status):
             return False  # a duplicate
@@ -905,6 +999,36 @@ class Agent:
         if task.terminal:
             self.metrics["tasks_" + task.state[len("TASK_"):].lower()] += 1
         return True
+
+    def _blame_limitation(self, executor: st.Executor, status: dict) -> None:
+        """A task failed: if its container broke a limit (the kernel's OOM kill often
+        reaches the executor before its notification reaches us), say so, as Mesos does,
+        and end the container."""
+        limitation = self.containerizer.check(executor.container_id)
+        if limitation is None:
+            return
+        status["reason"] = limitation.reason
+        status["message"] = limitation.message
+        status["limitation"] = {"resources": limitation.resources.to_json()}
+        self._limited(executor.container_id, limitation)
+
+    def _limited(self, container_id: str, limitation) -> None:
+        """An isolator says the container broke a limit: its tasks fail with the reason and
+        the container is destroyed (Mesos)."""
+        for fw in self.frameworks.values():
+            for executor in fw.executors.values():
+                if executor.container_id != container_id or executor.state == st.TERMINATED:
+                    continue
+                log.warn("Container {cid} of executor {eid}: {message}", cid=container_id,
+                         eid=executor.executor_id, message=limitation.message)
+                self.metrics["container_limitations"] += 1
+                if executor.termination is None:
+                    executor.termination = ("TASK_FAILED", limitation.reason,
+                                            limitation.message)
+                executor.state = st.TERMINATING
+                if executor.container is not None:
+                    self.containerizer.destroy(executor.container)
+                return
 
     def _agent_update(self, executor: st.Executor, task: st.Task, state: str, reason: str,
                       message: str) -> None:
@@ -1025,7 +1149,7 @@ class Agent:
 
     # --- recovery ------------------------------------------------------------------------
 
-    def _recover_books(self) -> None:
+    def _recover_books(self) -> Deferred:
         """Take back what an earlier agent process checkpointed in this work dir
         (`--recover reconnect`), or kill what it left running and start afresh (`cleanup`).
         RecoveryError when the checkpoint is not this agent's to recover."""
@@ -1036,12 +1160,12 @@ class Agent:
         except checkpoint.CheckpointError as e:
             raise RecoveryError(f"cannot recover the agent: {e}; {hint}") from None
         if found is None:
-            return
+            return self.containerizer.recover([])  # whatever is left is an orphan
         for error in found.errors:
             log.error("Skipping an unreadable checkpoint: {error}", error=error)
         if self.recover == "cleanup":
             self._cleanup(found)
-            return
+            return self.containerizer.recover([])
         saved = found.agent
         mismatches = []
         if saved.get("resources") != self.resources.to_json():
@@ -1064,25 +1188,34 @@ class Agent:
         self._agent_checkpointed = True
         if not self.port and saved.get("port"):
             self.port = saved["port"]  # executors connect back to where they were started
-        dead = []
-        count = 0
+        waits = []
         for fid, recovered_fw in found.frameworks.items():
             fw = self.frameworks[fid] = st.Framework(recovered_fw.info)
             fw.checkpointed = True
             for eid, recovered in recovered_fw.executors.items():
-                executor = self._recover_executor(fw, eid, recovered)
-                count += 1
-                if executor.container is None:
-                    dead.append(executor)
+                waits.append(self._recover_executor(fw, eid, recovered))
+        d = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+        d.addCallback(lambda results: self._recovered([e for _, e in results], found))
+        return d
+
+    def _recovered(self, executors: list, found) -> Deferred:
+        """Every recorded executor was looked for: fail the tasks of those that are gone,
+        and let the containerizer destroy what no recovered container holds."""
+        dead = [e for e in executors if e.container is None]
         log.info("Recovered agent {aid}: {f} framework(s), {e} executor(s), {d} of them gone",
-                 aid=self.agent_id, f=len(found.frameworks), e=count, d=len(dead))
+                 aid=self.agent_id, f=len(found.frameworks), e=len(executors), d=len(dead))
         for executor in dead:
             executor.termination = ("TASK_FAILED", "REASON_EXECUTOR_TERMINATED",
                                     "The executor ended while the agent was down")
             self._executor_ended(executor.framework_id, executor, None,
                                  "ended while the agent was down")
+        states = [ContainerState(e.container_id, e.container.pid, e.directory)
+                  for e in executors if e.container is not None]
+        return self.containerizer.recover(states)
 
-    def _recover_executor(self, fw: st.Framework, eid: str, recovered) -> st.Executor:
+    def _recover_executor(self, fw: st.Framework, eid: str, recovered) -> Deferred:
+        """Rebuild an executor's books from its checkpoint and look for its container;
+        fires with the Executor (its `container` None when it is gone)."""
         fid = fw.framework_id
         run = recovered.run
         executor = fw.executors[eid] = st.Executor(recovered.info, fid, recovered.kind)
@@ -1118,11 +1251,14 @@ class Agent:
                 executor.queue.append((how, ids))
             else:
                 executor.queue.extend((how, [tid]) for tid in ids)
-        container = None
-        if run.pid:
-            container = launcher_recover(self.reactor, run.container_id, run.pid,
-                                         run.start_ticks, checkpoint.process_start_ticks)
-        if container is not None:
+        if not run.pid:
+            return succeed(executor)
+        d = self.containerizer.recover_container(run.container_id, run.pid, run.start_ticks,
+                                                 checkpoint.process_start_ticks)
+
+        def attached(container):
+            if container is None:
+                return executor
             executor.container = container
             executor.state = st.RUNNING
             container.exited.addCallback(
@@ -1131,7 +1267,9 @@ class Agent:
                 self.executor_reregistration_timeout, self._reregistration_timed_out, executor)
             log.info("Recovered executor {eid} of framework {fid} (pid {pid}); waiting for it "
                      "to re-subscribe", eid=eid, fid=fid, pid=run.pid)
-        return executor
+            return executor
+
+        return d.addCallback(attached)
 
     def _reregistration_timed_out(self, executor: st.Executor) -> None:
         executor.registration_timer = None
@@ -1147,7 +1285,7 @@ class Agent:
         """Kill an executor that never (re)subscribed; its tasks fail with `reason`."""
         executor.termination = ("TASK_FAILED", reason, message)
         executor.state = st.TERMINATING
-        executor.container.destroy(0)
+        self.containerizer.destroy(executor.container)
 
     def _cleanup(self, found) -> None:
         """`--recover cleanup`: kill every executor an earlier agent left running, forget
@@ -1156,8 +1294,8 @@ class Agent:
         for recovered_fw in found.frameworks.values():
             for recovered in recovered_fw.executors.values():
                 run = recovered.run
-                if not run.pid:
-                    continue
+                if not run.pid or self.containerizer.linux:
+                    continue  # (the linux launcher's containers go as orphans: recover)
                 container = launcher_recover(self.reactor, run.container_id, run.pid,
                                              run.start_ticks, checkpoint.process_start_ticks)
                 if container is not None:
@@ -1193,6 +1331,18 @@ class Agent:
         for fw in self.frameworks.values():
             for executor in fw.executors.values():
                 self._send_event(executor, "HEARTBEAT")
+
+    def usage(self, containers: list) -> dict:
+        """(In a thread) usage per container id: the `usage` function given, else the
+        processes' from /proc with what the isolators measure (cgroups) on top."""
+        if self._usage is not None:
+            return self._usage(containers)
+        if not self.containerizer.linux:
+            return monitor.posix_usage(containers)
+        out = monitor.member_usage(containers)
+        for cid, stats in self.containerizer.usage([c.container_id for c in containers]).items():
+            out.setdefault(cid, {}).update(stats)
+        return out
 
     def statistics(self) -> Deferred:
         """/monitor/statistics: one entry per running executor (the usage is read in a
@@ -1291,9 +1441,9 @@ class Agent:
                  fid=executor.framework_id)
         if self._send_event(executor, "SHUTDOWN"):
             executor.shutdown_timer = self.reactor.callLater(
-                grace, lambda: executor.container.destroy(0))
+                grace, lambda: self.containerizer.destroy(executor.container))
         else:
-            executor.container.destroy(grace)
+            self.containerizer.destroy(executor.container, grace)
 
     def _shutdown_framework(self, fid: str) -> None:
         fw = self.frameworks.get(fid)
@@ -1343,7 +1493,8 @@ class Agent:
                 framework_id=fid, executor_id=executor.executor_id,
                 status=status if status is not None else -1))
         if executor.container is not None and not self._stopping:
-            executor.container.destroy(0)  # whatever it left behind in its session
+            # Whatever it left behind, and what its container held.
+            self.containerizer.destroy(executor.container)
         fw = self.frameworks.get(fid)
         if fw is not None:
             self._maybe_forget_executor(fw, executor)

@@ -60,6 +60,36 @@ def posix_usage(containers: list) -> dict[str, dict]:
     return {by_session[sid]: stats for sid, stats in proc_usage(by_session).items()}
 
 
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields if len(fields) > 21 and fields[0] not in (b"Z", b"X") else None
+
+
+def member_usage(containers: list) -> dict[str, dict]:
+    """Each container's members (`container.members()`, e.g. its cgroup's), from /proc."""
+    out = {}
+    for container in containers:
+        total = {"processes": 0, "threads": 0, "cpus_user_time_secs": 0.0,
+                 "cpus_system_time_secs": 0.0, "mem_rss_bytes": 0}
+        for pid in container.members() or ():
+            fields = _stat_fields(pid)
+            if fields is None:
+                continue
+            total["processes"] += 1
+            total["threads"] += int(fields[17])
+            total["cpus_user_time_secs"] += (int(fields[11]) + int(fields[13])) / _TICKS
+            total["cpus_system_time_secs"] += (int(fields[12]) + int(fields[14])) / _TICKS
+            total["mem_rss_bytes"] += int(fields[21]) * _PAGE
+        if total["processes"]:
+            out[container.container_id] = total
+    return out
+
+
 def limits(resource_lists: Iterable[list]) -> dict:
     """`cpus_limit` and `mem_limit_bytes` from lists of Mesos Resource JSON (summed)."""
     cpus = mem = 0.0

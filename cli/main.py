@@ -101,6 +101,58 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--switch-user", action=argparse.BooleanOptionalAction, default=True,
                    help="when running as root, run executors and tasks as the user the task "
                         "or framework names (default: on)")
+    _containerizer_options(p)
+
+
+def _containerizer_options(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("containers (docs/containers.md)")
+    c.add_argument("--launcher", choices=("posix", "linux"), default="posix",
+                   help="posix: plain processes in their own sessions; linux (root): "
+                        "containers forked by a launch helper, with namespaces, cgroups and "
+                        "images (default posix)")
+    c.add_argument("--isolation", default=None, metavar="NAMES",
+                   help="comma-separated isolators, e.g. 'filesystem/linux,namespaces/pid,"
+                        "cgroups/cpu,cgroups/mem,network/cni' (default for linux: "
+                        "filesystem/linux,namespaces/pid,cgroups/cpu,cgroups/mem)")
+    c.add_argument("--runtime-dir", default=None, metavar="DIR",
+                   help="containers' runtime state (default WORK_DIR/run)")
+    c.add_argument("--cgroups-root", default="agora", metavar="NAME",
+                   help="parent cgroup of this agent's containers in every hierarchy "
+                        "(default agora; each agent takes a subdirectory of its own)")
+    c.add_argument("--cgroups-enable-cfs", action="store_true",
+                   help="cgroups/cpu: also cap CPU time at the cpus given (CFS quota)")
+    c.add_argument("--cgroups-pids-limit", type=_nonnegative_int, default=None, metavar="N",
+                   help="cgroups/pids: most processes a container may have (default none)")
+    c.add_argument("--allowed-devices", default=None, metavar="JSON",
+                   help="cgroups/devices: devices allowed besides the defaults (Mesos JSON)")
+    c.add_argument("--image-providers", default="docker,oci,appc", metavar="LIST",
+                   help="image types tasks may name (default docker,oci,appc)")
+    c.add_argument("--image-store-dir", default=None, metavar="DIR",
+                   help="layer and image store (default WORK_DIR/provisioner)")
+    c.add_argument("--image-provisioner-backend", choices=("overlay", "copy"),
+                   default="overlay", help="how a rootfs is built from layers (default overlay)")
+    c.add_argument("--image-gc-budget", type=_nonnegative_int, default=None, metavar="BYTES",
+                   help="remove unused images when the store holds more (default: never)")
+    c.add_argument("--docker-registry", default=None, metavar="URL|DIR",
+                   help="default Docker registry, or a directory of `docker save` archives "
+                        "named repository:tag.tar (default https://registry-1.docker.io)")
+    c.add_argument("--docker-insecure-registries", default="", metavar="HOST:PORT,...",
+                   help="registries reached over plain http (loopback ones always are)")
+    c.add_argument("--oci-image-dir", default=None, metavar="DIR",
+                   help="OCI image layouts and archives for images of type OCI")
+    c.add_argument("--appc-store-dir", default=None, metavar="DIR",
+                   help="AppC ACI files for images of type APPC")
+    c.add_argument("--appc-simple-discovery-uri-prefix", default=None, metavar="URL",
+                   help="AppC simple discovery: PREFIX{name}-{version}-{os}-{arch}.aci")
+    c.add_argument("--network-cni-config-dir", default=None, metavar="DIR",
+                   help="network/cni: CNI network configs (*.conf, *.conflist)")
+    c.add_argument("--network-cni-plugins-dir", default="/usr/lib/cni", metavar="DIR",
+                   help="network/cni: the plugin binaries (default /usr/lib/cni)")
+    c.add_argument("--enforce-container-disk-quota", action="store_true",
+                   help="disk/du: a container using more disk than its `disk` fails "
+                        "(REASON_CONTAINER_LIMITATION_DISK)")
+    c.add_argument("--container-disk-watch-interval", type=_positive_float, default=15.0,
+                   metavar="SECS", help="disk/du: how often sandboxes are measured (default 15)")
 
 
 def parser() -> argparse.ArgumentParser:

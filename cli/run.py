@@ -100,16 +100,42 @@ def _agent_kwargs(args, fetcher_cache_dir) -> dict:
                 gc_disk_headroom=args.gc_disk_headroom,
                 disk_watch_interval=args.disk_watch_interval, switch_user=args.switch_user,
                 recover=args.recover,
-                executor_reregistration_timeout=args.executor_reregistration_timeout)
+                executor_reregistration_timeout=args.executor_reregistration_timeout,
+                launcher=args.launcher, isolation=args.isolation,
+                container_flags=container_flags(args))
+
+
+def container_flags(args) -> dict:
+    """The containerizer's settings (agent.containerizer.build) from the command line."""
+    insecure = tuple(h for h in args.docker_insecure_registries.split(",") if h)
+    return {
+        "runtime_dir": args.runtime_dir, "cgroups_root": args.cgroups_root,
+        "cgroups_enable_cfs": args.cgroups_enable_cfs,
+        "cgroups_pids_limit": args.cgroups_pids_limit,
+        "allowed_devices": args.allowed_devices, "image_providers": args.image_providers,
+        "image_store_dir": args.image_store_dir, "backend": args.image_provisioner_backend,
+        "image_gc_budget": args.image_gc_budget, "docker_registry": args.docker_registry,
+        "docker_insecure_registries": insecure, "oci_image_dir": args.oci_image_dir,
+        "appc_store_dir": args.appc_store_dir,
+        "appc_simple_discovery_uri_prefix": args.appc_simple_discovery_uri_prefix,
+        "network_cni_config_dir": args.network_cni_config_dir,
+        "network_cni_plugins_dir": args.network_cni_plugins_dir,
+        "enforce_container_disk_quota": args.enforce_container_disk_quota,
+        "container_disk_watch_interval": args.container_disk_watch_interval,
+    }
 
 
 def run_agent(reactor, args, secret) -> int:
     from agent.agent import Agent
 
-    agent = Agent(reactor, master=args.master, work_dir=args.work_dir, ip=args.ip,
-                  port=args.port, hostname=args.hostname, secret=secret,
-                  zk_session_timeout=args.zk_session_timeout,
-                  **_agent_kwargs(args, args.fetcher_cache_dir))
+    try:
+        agent = Agent(reactor, master=args.master, work_dir=args.work_dir, ip=args.ip,
+                      port=args.port, hostname=args.hostname, secret=secret,
+                      zk_session_timeout=args.zk_session_timeout,
+                      **_agent_kwargs(args, args.fetcher_cache_dir))
+    except ValueError as e:
+        print(f"agora: {e}", file=sys.stderr)
+        return 2
     return _serve(reactor, [agent],
                   lambda: print(f"Agent: http://{args.ip}:{agent.port}", flush=True))
 

@@ -66,11 +66,13 @@ class ContainerConfig:
 
 @attrs.frozen
 class Mount:
-    """A bind mount into the container: `target` is a path inside its root filesystem."""
+    """A bind mount into the container: `target` is a path inside its root filesystem, or
+    with `host` a path on the host (in the sandbox), mounted before the root filesystem."""
 
     source: str
     target: str
     read_only: bool = False
+    host: bool = False
 
 
 @attrs.frozen

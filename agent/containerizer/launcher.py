@@ -29,6 +29,11 @@ from agent.users import RunAs
 
 log = Logger()
 
+class LaunchError(Exception):
+    """A container could not be started; the message says why (it becomes the tasks'
+    TASK_FAILED message, REASON_CONTAINER_LAUNCH_FAILED)."""
+
+
 #: How long a container may take to empty after SIGKILL before we give up and say so.
 KILL_SETTLE_TIMEOUT = 5.0
 _SETTLE_INTERVAL = 0.02
@@ -136,17 +141,18 @@ class _PidfdReader:
 
 
 class Container:
-    """One launched session: its leader's pid, its exit, and the means to kill it all.
+    """One launched container: its leader's pid, its exit, and the means to kill it all.
 
-    `exited` fires with the leader's wait status. `destroy(grace)` ends the whole session:
-    SIGTERM to every member, SIGKILL to whatever is left after `grace`. Each step scans /proc
-    once (the cost grows with the host's process count; cgroups will make it constant).
+    `exited` fires with the leader's wait status. `destroy(grace)` ends every member:
+    SIGTERM to each, SIGKILL to whatever is left after `grace`. Members are the leader's
+    session here (one /proc scan per step: the cost grows with the host's process count);
+    `CgroupContainer` (agent.containerizer.linux) reads them from its cgroup instead.
     """
 
-    def __init__(self, reactor, container_id: str, popen: subprocess.Popen):
+    def __init__(self, reactor, container_id: str, pid: int, popen: subprocess.Popen | None):
         self.reactor = reactor
         self.container_id = container_id
-        self.pid = popen.pid
+        self.pid = pid
         self.status: int | None = None
         self.exited: Deferred = Deferred()
         self._popen = popen
@@ -160,6 +166,18 @@ class Container:
         self._step_call = None
         self._kill_deadline = 0.0
         self._watch()
+
+    def members(self) -> list[int] | None:
+        """Pids of the container's live processes; None when they cannot be listed."""
+        return session_members(self.pid)
+
+    def kill_all(self, members: list[int]) -> None:
+        """SIGKILL every member (a cgroup can do it without racing forks)."""
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     @property
     def running(self) -> bool:
@@ -202,7 +220,15 @@ class Container:
 
     def signal(self, sig: int) -> None:
         """Send `sig` to every process of the container."""
-        signal_session(self.pid, sig)
+        members = self.members()
+        if members is None:
+            signal_session(self.pid, sig)  # no /proc: the leader's process group
+            return
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def destroy(self, grace: float) -> Deferred:
         """End every process of the container; fires (with the leader's status) when none is left."""
@@ -237,7 +263,7 @@ class Container:
         self._step_call = None
         if self._done:
             return
-        members = session_members(self.pid)
+        members = self.members()
         if members is None:
             # No /proc: the leader's process group stands for the session.
             if self.status is not None:
@@ -251,16 +277,14 @@ class Container:
         if not members and self.status is not None:
             self._finish()
             return
-        for pid in members:
-            if self._phase == "KILL":
-                sig = signal.SIGKILL
-            elif pid in self._termed:
+        if self._phase == "KILL":
+            self.kill_all(members)
+        for pid in members if self._phase == "TERM" else ():
+            if pid in self._termed:
                 continue  # one SIGTERM each: a handler need not run twice
-            else:
-                sig = signal.SIGTERM
-                self._termed.add(pid)
+            self._termed.add(pid)
             try:
-                os.kill(pid, sig)
+                os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
         if self.status is None:
@@ -296,22 +320,8 @@ class RecoveredContainer(Container):
 
     def __init__(self, reactor, container_id: str, pid: int, pidfd: int | None):
         self._pidfd = pidfd
-        self.reactor = reactor
-        self.container_id = container_id
-        self.pid = pid
-        self.status = None
-        self.exited = Deferred()
-        self._popen = None
-        self._reader = None
-        self._phase = None
-        self._termed = set()
-        self._waiters = []
-        self._done = False
-        self._kill_call = None
-        self._step_call = None
-        self._kill_deadline = 0.0
         self._poll_call = None
-        self._watch()
+        super().__init__(reactor, container_id, pid, None)
 
     def _watch(self) -> None:
         if self._pidfd is not None:
@@ -389,4 +399,4 @@ class PosixLauncher:
                 stderr.close()
         finally:
             stdout.close()
-        return Container(self.reactor, container_id, popen)
+        return Container(self.reactor, container_id, popen.pid, popen)

@@ -47,6 +47,9 @@ import time
 
 from agora.recordio import Decoder
 
+CONTAINER_DIR_VARIABLE = "AGORA_CONTAINER_DIR"  # where the agent put our tasks' specs
+LAUNCHER_VARIABLE = "AGORA_LAUNCHER"  # the launch helper's socket ("@" = abstract)
+
 API_PATH = "/api/v1/executor"
 DEFAULT_KILL_GRACE = 3.0  # Mesos: the kill policy's default grace period
 DEFAULT_SHUTDOWN_GRACE = 5.0
@@ -120,7 +123,8 @@ def task_environment(base: dict, command: dict, variables: dict | None = None) -
     """The task's environment: ours, minus what we added for ourselves, plus `variables`
     (see `task_variables`), plus the command's own, which win."""
     env = dict(base)
-    env.pop(SWITCH_USER_VARIABLE, None)
+    for name in (SWITCH_USER_VARIABLE, CONTAINER_DIR_VARIABLE, LAUNCHER_VARIABLE):
+        env.pop(name, None)
     # The agent put our package on PYTHONPATH; the task should not see it (it could shadow
     # a user's own modules named `agent` or `agora`).
     if "AGORA_TASK_PYTHONPATH" in env:
@@ -197,6 +201,10 @@ def command_argv(command: dict) -> tuple[list[str], str | None]:
 
 
 # --- HTTP over plain sockets ---------------------------------------------------------------
+
+
+class LaunchFailed(Exception):
+    """The task's container could not be started (REASON_CONTAINER_LAUNCH_FAILED)."""
 
 
 class HTTPFailure(Exception):
@@ -349,6 +357,23 @@ class EventStream:
 # --- the executor -----------------------------------------------------------------------
 
 
+class Contained:
+    """A task the agent's launch helper started in its container (its own namespaces, an
+    image's root filesystem): `pid` is its first process, an init that passes signals on
+    to the task when the container has its own PID namespace."""
+
+    def __init__(self, pid: int, init: bool, client):
+        self.pid = pid
+        self.init = init
+        self.client = client
+
+    def signal(self, sig: int) -> None:
+        if self.init:
+            os.kill(self.pid, sig)  # the init forwards it; SIGKILL ends the whole namespace
+        else:
+            os.killpg(self.pid, sig)
+
+
 class Task:
     """One task this executor runs."""
 
@@ -356,7 +381,7 @@ class Task:
         self.info = info
         self.task_id = info["task_id"]["value"]
         self.group = group  # the ids of its task group, if launched in one
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | Contained | None = None
         self.kill_grace = grace_of(info.get("kill_policy"), DEFAULT_KILL_GRACE)
         self.killing = False
         self.kill_at: float | None = None  # when to escalate to SIGKILL
@@ -599,6 +624,14 @@ class CommandExecutor:
                     return
                 env.update(login)
                 env.update(environment_variables(command))  # the command's own still win
+            spec = self.container_spec(task)
+            if spec is not None:
+                proc = self.start_contained(task, spec, argv, program, env, as_user)
+                threading.Thread(target=self.wait_contained, args=(task.task_id, proc),
+                                 daemon=True).start()
+                task.proc = proc
+                self.update(task, "TASK_RUNNING")
+                return
             log(f"Starting task {task.task_id}" + (f" as {user}" if user else "") +
                 f": {' '.join(argv)}")
             try:
@@ -608,6 +641,11 @@ class CommandExecutor:
                 proc = subprocess.Popen(argv, executable=program, env=env,
                                         preexec_fn=os.setpgrp, stdin=subprocess.DEVNULL,
                                         close_fds=True, **as_user)
+        except LaunchFailed as e:
+            task.terminal = True
+            self.update(task, "TASK_FAILED", str(e), "REASON_CONTAINER_LAUNCH_FAILED")
+            self.after_terminal(task)
+            return
         except (OSError, ValueError) as e:
             task.terminal = True
             self.update(task, "TASK_FAILED", f"Failed to launch the command: {e}",
@@ -617,6 +655,56 @@ class CommandExecutor:
         task.proc = proc
         threading.Thread(target=self.wait, args=(task.task_id, proc), daemon=True).start()
         self.update(task, "TASK_RUNNING")
+
+    def container_spec(self, task: Task) -> dict | None:
+        """The spec the agent prepared for the task's container, if it runs in one."""
+        directory = self.env.get(CONTAINER_DIR_VARIABLE)
+        if not directory:
+            return None
+        from agent.containerizer.helper_wire import task_key
+        path = os.path.join(directory, "tasks", task_key(task.task_id) + ".json")
+        try:
+            with open(path, "rb") as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise LaunchFailed(f"the agent prepared no container for the task: {e}") from None
+
+    def start_contained(self, task: Task, spec: dict, argv, program, env, as_user) -> Contained:
+        """Have the launch helper start the task in its container (the process is ours to
+        give unless the agent set it from the task's image)."""
+        from agent.containerizer import helper_wire
+        if spec.get("argv") is None:
+            user = None
+            if as_user:
+                user = {"uid": as_user["user"], "gid": as_user["group"],
+                        "groups": as_user["extra_groups"]}
+            spec.update(argv=argv, program=program, env=env, cwd=os.getcwd(), user=user)
+        log(f"Starting task {task.task_id} in its container: {' '.join(spec['argv'])}")
+        name = self.env[LAUNCHER_VARIABLE]
+        container_id = (os.path.basename(self.env[CONTAINER_DIR_VARIABLE].rstrip("/")) + "." +
+                        helper_wire.task_key(task.task_id))
+        try:
+            client = helper_wire.Client("\0" + name[1:] if name.startswith("@") else name)
+            pid = client.launch(container_id, spec, [1, 2])
+        except helper_wire.HelperError as e:
+            raise LaunchFailed(f"Failed to launch the task's container: {e}") from None
+        return Contained(pid, "pid" in (spec.get("namespaces") or ()), client)
+
+    def wait_contained(self, task_id: str, proc: Contained) -> None:
+        """(In a thread) wait for the helper to report the task's end, and wake the loop."""
+        from agent.containerizer import helper_wire
+        status = None
+        try:
+            while status is None:
+                for message in proc.client.receive():
+                    if message.get("op") == "exited":
+                        status = message["status"]
+        except (OSError, ValueError, helper_wire.HelperError):
+            status = signal.SIGKILL  # the helper went away: count the task as killed
+        proc.client.close()
+        with self._lock:
+            self._exits.append((task_id, os.waitstatus_to_exitcode(status)))
+        os.write(self._wake_w, b"x")
 
     def wait(self, task_id: str, proc: subprocess.Popen) -> None:
         """(In a thread) wait for a task's exit and wake the loop."""
@@ -632,8 +720,10 @@ class CommandExecutor:
             task = self.tasks[task_id]
             task.kill_at = None
             task.terminal = True
-            # Whatever it left behind in its process group goes with it.
-            self.signal(task, signal.SIGKILL)
+            # Whatever it left behind in its process group goes with it (a PID namespace's
+            # init took everything with it, and its pid may be someone else's by now).
+            if not (isinstance(task.proc, Contained) and task.proc.init):
+                self.signal(task, signal.SIGKILL)
             message = exit_message(returncode)
             log(f"Task {task_id}: {message}")
             if task.killing:
@@ -677,7 +767,10 @@ class CommandExecutor:
     @staticmethod
     def signal(task: Task, sig: int) -> None:
         try:
-            os.killpg(task.proc.pid, sig)
+            if isinstance(task.proc, Contained):
+                task.proc.signal(sig)
+            else:
+                os.killpg(task.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
