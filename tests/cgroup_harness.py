@@ -48,22 +48,29 @@ class CgroupEnv:
                 f.write(str(proc.pid))
         proc.stdin.write(b"go\n")
         proc.stdin.close()
+        proc.stdin = None  # (so communicate() does not flush it)
         return proc
+
+    def _roots(self) -> list[Cgroup]:
+        h = self.hierarchies
+        mounts = [(m, 1) for m in sorted(set(h.v1.values()))] + ([(h.v2, 2)] if h.v2 else [])
+        return [Cgroup(m, self.root, v) for m, v in mounts]
 
     def left(self) -> list[str]:
         """Every directory of this test's root still present, in any hierarchy."""
-        mounts = set(self.hierarchies.v1.values()) | ({self.hierarchies.v2} - {None})
-        return [os.path.join(m, self.root) for m in sorted(mounts)
-                if os.path.isdir(os.path.join(m, self.root))]
+        return [cg.path for cg in self._roots() if cg.exists()]
+
+    def containers_left(self) -> list[str]:
+        """Every container cgroup still under this test's root, in any hierarchy."""
+        return [child.path for cg in self._roots() for child in cg.children()]
 
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-        for path in self.left():
-            mount = os.path.dirname(path)
-            Cgroup(mount, self.root, 2 if mount == self.hierarchies.v2 else 1).destroy(10)
+        for cg in self._roots():
+            cg.destroy(10)
 
 
 @pytest.fixture

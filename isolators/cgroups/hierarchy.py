@@ -26,6 +26,8 @@ import signal
 import threading
 import time
 
+from isolators.cgroups.stats import parse_keyed
+
 #: The v1 controllers we recognise in a `cgroup` mount's options.
 V1_CONTROLLERS = frozenset({
     "blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "hugetlb", "memory",
@@ -218,14 +220,7 @@ class Cgroup:
 
     def read_keyed(self, name: str) -> dict[str, int]:
         """A flat keyed file ('key value' lines: cpu.stat, memory.stat, cgroup.events...)."""
-        out = {}
-        for line in self.read(name).splitlines():
-            key, _, value = line.partition(" ")
-            try:
-                out[key] = int(value)
-            except ValueError:
-                continue
-        return out
+        return parse_keyed(self.read(name))
 
     def write(self, name: str, value: object) -> None:
         """Write `value` in one write(2) (the kernel parses each write on its own)."""
