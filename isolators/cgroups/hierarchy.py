@@ -225,7 +225,7 @@ class Cgroup:
     def write(self, name: str, value: object) -> None:
         """Write `value` in one write(2) (the kernel parses each write on its own)."""
         path = self.file(name)
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # (as a shell's >)
         try:
             os.write(fd, str(value).encode())
         except OSError as e:
