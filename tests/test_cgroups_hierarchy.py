@@ -1,4 +1,4 @@
-"""Cgroup hierarchies and one cgroup's life, on this host's real v1 hierarchies and cgroup2 mount."""
+"""Cgroup hierarchies and one cgroup's life, on the host's real v1 hierarchies and cgroup2 mount."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from cgroup_harness import UNIFIED, cgroup_env, unified_v2, wait_for  # noqa: F401
 
 from isolators.cgroups.hierarchy import (
-    Cgroup, CgroupError, Hierarchies, check_root, discover, membership, parse_mountinfo,
+    Cgroup, CgroupError, Hierarchies, check_root, configured, discover, membership,
+    parse_mountinfo,
 )
 
 MOUNTINFO = """\
@@ -76,6 +77,23 @@ def test_bad_names_are_refused():
 def test_discovery_reads_the_mount_table_once():
     """discover() returns the same object on every call (MESOS-9081: no per-container scans)."""
     assert discover() is discover()
+    assert configured({}) == (discover(), "agora")
+    assert configured({"cgroups_root": "agora/a0", "cgroups_hierarchy": "/sys/fs/cgroup"})[1] \
+        == "agora/a0"
+    with pytest.raises(ValueError, match="cannot name a cgroup"):
+        configured({"cgroups_root": "../up"})
+
+
+def test_destroy_children_spares_the_kept(cgroup_env):
+    """destroy_children removes every child but those kept (the launcher's orphan sweep)."""
+    parent = Cgroup(membership(cgroup_env.hierarchies, cgroup_env.root, "x").mount,
+                    cgroup_env.root, cgroup_env.hierarchies.version("freezer"))
+    for name in ("a", "b", "c"):
+        membership(cgroup_env.hierarchies, cgroup_env.root, name).create()
+    victim = cgroup_env.start(["sleep", "100"], [membership(cgroup_env.hierarchies,
+                                                             cgroup_env.root, "b").path])
+    assert sorted(parent.destroy_children({"a"}, 10)) == ["b", "c"]
+    assert [c.name for c in parent.children()] == ["a"] and victim.wait(10) == -9
 
 
 def test_v1_freezer_cgroup_life(cgroup_env):
@@ -129,7 +147,7 @@ def v2():
 
 
 def test_v2_create_enables_controllers_from_the_root_down(cgroup_env, v2):
-    """On the real cgroup2 mount, create() writes +controller into each ancestor's subtree_control."""
+    """Real cgroup2: create() writes +controller into each ancestor's cgroup.subtree_control."""
     if "hugetlb" not in v2.v2_controllers:
         pytest.skip("the cgroup2 root offers no controller to enable here")
     root = Cgroup(v2.v2, "", 2)

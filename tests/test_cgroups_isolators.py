@@ -182,7 +182,8 @@ def test_cpu_shares_and_cfs_quota_throttle_a_busy_loop(cgroup_env, make, agent_r
     assert after["cpus_nr_periods"] >= after["cpus_nr_throttled"]
     assert after["cpus_throttled_time_secs"] > 0
     cpu.update("c1", Resources.parse("cpus:2"))
-    assert (cg.read("cpu.shares").strip(), cg.read("cpu.cfs_quota_us").strip()) == ("2048", "200000")
+    assert (cg.read("cpu.shares").strip(), cg.read("cpu.cfs_quota_us").strip()) == \
+        ("2048", "200000")
     assert cpu.usage("c1")["cpus_limit"] == 2
     call(agent_reactor, cpu.cleanup, "c1")
     assert spin.wait(10) == -9
@@ -302,7 +303,7 @@ ALL = (CpuIsolator, MemoryIsolator, PidsIsolator, DevicesIsolator)
 
 
 def test_recover_destroys_orphans_and_keeps_the_listed(cgroup_env, make, agent_reactor, tmp_path):
-    """After a restart: listed containers keep cgroups and processes; orphans are killed, removed."""
+    """After a restart: listed containers keep cgroups and processes; orphans are killed and go."""
     first = [make(cls) for cls in ALL]
     dirs = {}
     for cid in ("keep", "orphan"):
@@ -330,9 +331,11 @@ def test_cleanup_leaves_nothing_even_while_processes_run(cgroup_env, make, agent
     """All four isolators, a running tree inside: cleanup kills it and removes every cgroup;
     cleanup of a container never prepared, or twice, is fine."""
     isolators = catalog.load("cgroups/cpu,cgroups/mem,cgroups/pids,cgroups/devices",
-                             Settings(str(tmp_path), str(tmp_path), cgroup_env.flags, agent_reactor))
+                             Settings(str(tmp_path), str(tmp_path), cgroup_env.flags,
+                                      agent_reactor))
     assert [type(i) for i in isolators] == list(ALL)
-    dirs = sum((call(agent_reactor, iso.prepare, config(tmp_path)).cgroups for iso in isolators), ())
+    dirs = sum((call(agent_reactor, iso.prepare, config(tmp_path)).cgroups
+                for iso in isolators), ())
     assert len(dirs) == len(set(dirs)) >= 4
     tree = cgroup_env.start(["/bin/sh", "-c", "sleep 100 & sleep 100 & wait"], dirs)
     for iso in reversed(isolators):

@@ -74,7 +74,8 @@ def test_device_rules_parse_and_print():
 
 def test_allowed_devices_json_resolves_paths():
     """Mesos's DeviceWhitelist JSON: paths stat'ed for type and numbers; access booleans."""
-    nodes = {"/dev/fuse": (0o020600, os.makedev(10, 229)), "/dev/sdb": (0o060600, os.makedev(8, 16))}
+    nodes = {"/dev/fuse": (0o020600, os.makedev(10, 229)),
+             "/dev/sdb": (0o060600, os.makedev(8, 16))}
 
     def stat(path):
         if path not in nodes:
@@ -86,7 +87,8 @@ def test_allowed_devices_json_resolves_paths():
         {"device": {"path": "/dev/sdb"}, "access": {"read": True, "mknod": True}}]}, stat)
     assert [r.v1() for r in rules] == ["c 10:229 rw", "b 8:16 rm"]
     with pytest.raises(ValueError, match="grants no access"):
-        allowed_devices({"allowed_devices": [{"device": {"path": "/dev/fuse"}, "access": {}}]}, stat)
+        allowed_devices({"allowed_devices": [{"device": {"path": "/dev/fuse"}, "access": {}}]},
+                        stat)
     with pytest.raises(ValueError, match="cannot stat /dev/nope"):
         allowed_devices({"allowed_devices": [{"device": {"path": "/dev/nope"},
                                               "access": {"read": True}}]}, stat)

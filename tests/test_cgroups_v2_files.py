@@ -64,7 +64,7 @@ def config(fake, resources):
 
 
 def test_v2_cpu_weight_max_and_times(tmp_path):
-    """cpu.weight is runc's conversion of the shares; cpu.max caps only with CFS; cpu.stat in µs."""
+    """cpu.weight is runc's conversion of the shares; cpu.max caps only with CFS; cpu.stat: µs."""
     fake = FakeV2(tmp_path, root_enabled="cpu memory")
     cpu = CpuIsolator(fake.settings(), fake.hierarchies)
     info = cpu.prepare(config(fake, "cpus:1"))
@@ -109,7 +109,8 @@ def test_v2_oom_kill_counter_fires_watch_through_inotify(tmp_path, agent_reactor
     mem = MemoryIsolator(fake.settings(agent_reactor), fake.hierarchies)
     mem.prepare(config(fake, "mem:64"))
     fired = []
-    blockingCallFromThread(agent_reactor, lambda: mem.watch("c1").addCallback(fired.append) and None)
+    blockingCallFromThread(agent_reactor,
+                           lambda: mem.watch("c1").addCallback(fired.append) and None)
     events = fake.dir / "memory.events"
     events.write_text("low 0\nhigh 5\nmax 9\noom 0\noom_kill 0\n")
     assert mem.check("c1") is None

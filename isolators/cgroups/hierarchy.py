@@ -1,11 +1,12 @@
 """The host's cgroup hierarchies (v1 and v2), found once, and what can be done to one cgroup.
 
     discover(base)  ── /proc/self/mountinfo, read once per base ──> Hierarchies
+    configured(flags)                                   -> (Hierarchies, cgroups_root)
     Hierarchies.version(controller)                     -> 1 | 2 | None
     Hierarchies.container(controller, root, container_id) -> Cgroup  <mount>/<root>/<id>
     membership(hierarchies, root, container_id)         -> Cgroup  (v1 freezer, else v2)
     Cgroup: create, attach, procs, members, read/write, freeze/thaw, kill, populated,
-            children, remove, destroy
+            children, remove, destroy, destroy_children (orphans)
 
 A controller is on v1 when a v1 hierarchy (a `cgroup` mount at or under `base`) carries it;
 it is on v2 when the cgroup2 mount's root lists it in `cgroup.controllers` and no v1 mount
@@ -69,8 +70,8 @@ def parse_mountinfo(text: str) -> list[tuple[str, str, frozenset]]:
 
 
 def _under(path: str, base: str) -> bool:
-    base = base.rstrip("/") or "/"
-    return path == base or path.startswith(base.rstrip("/") + "/")
+    base = base.rstrip("/")
+    return path == (base or "/") or path.startswith(base + "/")
 
 
 class Hierarchies:
@@ -102,7 +103,8 @@ class Hierarchies:
         return cls(v1, v2, read_controllers(v2) if v2 else frozenset())
 
     def __repr__(self) -> str:
-        return f"Hierarchies(v1={self.v1!r}, v2={self.v2!r}, v2_controllers={sorted(self.v2_controllers)})"
+        return (f"Hierarchies(v1={self.v1!r}, v2={self.v2!r}, "
+                f"v2_controllers={sorted(self.v2_controllers)})")
 
     def version(self, controller: str) -> int | None:
         """1 or 2: the hierarchy that holds `controller` here; None if none does."""
@@ -119,7 +121,8 @@ class Hierarchies:
             raise CgroupError(
                 f"cgroup controller {controller!r} is not available: v1 hierarchies "
                 f"{sorted(set(self.v1.values())) or 'none'}, cgroup2 "
-                f"{self.v2 or 'not mounted'} with controllers {sorted(self.v2_controllers) or 'none'}")
+                f"{self.v2 or 'not mounted'} with controllers "
+                f"{sorted(self.v2_controllers) or 'none'}")
         return self.v1[controller] if version == 1 else self.v2
 
     def cgroup(self, controller: str, relative: str) -> Cgroup:
@@ -173,6 +176,13 @@ def discover(base: str = DEFAULT_BASE, mountinfo: str = "/proc/self/mountinfo") 
         return found
 
 
+def configured(flags: dict) -> tuple[Hierarchies, str]:
+    """The hierarchies and the cgroups root that the agent's flags name: `cgroups_hierarchy`
+    (default /sys/fs/cgroup) and `cgroups_root` (default "agora")."""
+    base = flags.get("cgroups_hierarchy") or DEFAULT_BASE
+    return discover(base), check_root(flags.get("cgroups_root") or DEFAULT_ROOT)
+
+
 def membership(hierarchies: Hierarchies, root: str, container_id: str) -> Cgroup:
     """The cgroup that holds every process of a container so it can be frozen and killed as
     a whole (setsid cannot escape it): the v1 freezer hierarchy when mounted, else the v2
@@ -194,7 +204,8 @@ class Cgroup:
         return f"Cgroup({self.path!r}, v{self.version})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Cgroup) and (self.path, self.version) == (other.path, other.version)
+        return isinstance(other, Cgroup) and (self.path, self.version) == \
+            (other.path, other.version)
 
     def __hash__(self) -> int:
         return hash((self.path, self.version))
@@ -397,3 +408,20 @@ class Cgroup:
         deadline = time.monotonic() + timeout
         self.kill(timeout)
         self.remove(max(1.0, deadline - time.monotonic()))
+
+    def destroy_children(self, keep=(), timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+        """Destroy every cgroup directly below this one whose name is not in `keep` (the
+        orphans a previous agent left under cgroups_root); returns their names. Every one is
+        tried; CgroupError names those that could not be destroyed."""
+        destroyed, errors = [], []
+        for child in self.children():
+            if child.name in keep:
+                continue
+            try:
+                child.destroy(timeout)
+                destroyed.append(child.name)
+            except (CgroupError, OSError) as e:
+                errors.append(str(e))
+        if errors:
+            raise CgroupError("; ".join(errors))
+        return destroyed

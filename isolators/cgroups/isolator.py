@@ -19,10 +19,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from isolators.cgroups.hierarchy import (
-    DEFAULT_BASE, DEFAULT_ROOT, DEFAULT_TIMEOUT, Cgroup, CgroupError, Hierarchies, check_root,
-    discover,
+    DEFAULT_TIMEOUT, Cgroup, CgroupError, Hierarchies, configured,
 )
-from isolators.flags import flag_float, flag_str
+from isolators.flags import flag_float
 from isolators.interface import ContainerConfig, Isolator, LaunchInfo, Settings
 
 log = Logger()
@@ -38,10 +37,9 @@ class CgroupIsolator(Isolator):
         flags = settings.flags or {}
         self.settings = settings
         self.reactor = settings.reactor
-        self.root = check_root(flag_str(flags, "cgroups_root", DEFAULT_ROOT))
+        found, self.root = configured(flags)
+        self.hierarchies = hierarchies or found
         self.timeout = flag_float(flags, "cgroups_destroy_timeout", DEFAULT_TIMEOUT)
-        self.hierarchies = hierarchies or discover(
-            flag_str(flags, "cgroups_hierarchy", DEFAULT_BASE))
         for controller in self.controllers:
             self.hierarchies.mount(controller)  # unavailable: the agent refuses to start
 
@@ -108,12 +106,13 @@ class CgroupIsolator(Isolator):
         return out
 
     def _destroy_orphans(self, keep: set) -> list[str]:
-        orphans = [child for parent in self._parents() for child in parent.children()
-                   if child.name not in keep]
-        for orphan in orphans:
-            log.info("Destroying orphan cgroup {path}", path=orphan.path)
-        self._destroy(orphans)
-        return [orphan.name for orphan in orphans]
+        destroyed = []
+        for parent in self._parents():
+            destroyed += parent.destroy_children(keep, self.timeout)
+        if destroyed:
+            log.info("Destroyed orphan cgroups {names} under {root}", names=destroyed,
+                     root=self.root)
+        return destroyed
 
     def _destroy(self, cgroups: list[Cgroup]) -> None:
         errors = []

@@ -110,10 +110,15 @@ class MemoryIsolator(CgroupIsolator):
             cg = self.cgroup("memory", container_id)
             if not cg.exists():
                 return None
-            watch = self._watches[container_id] = _OomWatch()
+            watch = _OomWatch()
             woken = lambda: self._woken(container_id)  # noqa: E731
-            watch.kernel = (OomEventfd(self.reactor, cg, woken) if cg.version == 1
-                            else FileWatch(self.reactor, cg.file("memory.events"), woken))
+            try:
+                watch.kernel = (OomEventfd(self.reactor, cg, woken) if cg.version == 1
+                                else FileWatch(self.reactor, cg.file("memory.events"), woken))
+            except OSError as e:  # e.g. the cgroup went meanwhile; check() still answers
+                log.warn("Container {cid}: cannot watch for OOM: {e}", cid=container_id, e=e)
+                return None
+            self._watches[container_id] = watch
             reached = self.check(container_id)  # an OOM before we were watching
             if reached is not None:
                 self._fire(watch, reached)
