@@ -989,8 +989,7 @@ class Agent:
         if executor.container_id and "container_status" not in status:
             container_status = self.containerizer.status(executor.container_id)
             if container_status:
-                status["container_status"] = {
-                    "container_id": {"value": executor.container_id}, **container_status}
+                status["container_status"] = container_status
         # (A checkpointing framework's update is journaled inside `update`, before it is sent.)
         if not self.updates.update(executor.framework_id, status):
             return False  # a duplicate
@@ -1209,7 +1208,9 @@ class Agent:
                                     "The executor ended while the agent was down")
             self._executor_ended(executor.framework_id, executor, None,
                                  "ended while the agent was down")
-        states = [ContainerState(e.container_id, e.container.pid, e.directory)
+        states = [ContainerState(e.container_id, e.container.pid, e.directory,
+                                 self._container_config(self.frameworks[e.framework_id], e,
+                                                        None).resources)
                   for e in executors if e.container is not None]
         return self.containerizer.recover(states)
 
@@ -1359,11 +1360,12 @@ class Agent:
                 stats = {"timestamp": now, "processes": 0, "threads": 0,
                          "cpus_user_time_secs": 0.0, "cpus_system_time_secs": 0.0,
                          "mem_rss_bytes": 0}
-                stats.update(usage.get(executor.container_id) or {})
+                # The limits the resources imply, unless the cgroups say what they are.
                 stats.update(monitor.limits(
                     [executor.info.get("resources")] +
                     [t.info.get("resources") for t in executor.tasks.values()
                      if not t.terminal]))
+                stats.update(usage.get(executor.container_id) or {})
                 entries.append(monitor.entry(
                     executor.executor_id, executor.info.get("name", ""),
                     executor.framework_id, executor.info.get("source", ""), stats))

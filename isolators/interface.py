@@ -118,6 +118,7 @@ class ContainerState:
     container_id: str
     pid: int | None
     directory: str
+    resources: Resources | None = None  # what it is allotted (its executor's and tasks')
 
 
 class Isolator:

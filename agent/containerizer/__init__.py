@@ -57,15 +57,19 @@ def build(reactor, *, work_dir: str, launcher: str = "posix", isolation: str | N
                         reactor=reactor)
     isolators = catalog.load(",".join(names), settings)
     provisioner = None
-    providers = [p for p in (flags.get("image_providers") or "docker,oci,appc").split(",") if p]
+    providers = flags.get("image_providers")
+    providers = [p for p in ("docker,oci,appc" if providers is None else providers).split(",")
+                 if p]
     if providers:
         from agent.containerizer.provisioner import Provisioner
         provisioner = Provisioner(
             flags.get("image_store_dir") or os.path.join(work_dir, "provisioner"),
             **{key: flags[key] for key in PROVISIONER_FLAGS if flags.get(key) is not None})
+    mounts = set(hierarchies.v1.values()) | ({hierarchies.v2} if hierarchies.v2 else set())
     linux = LinuxLauncher(reactor, runtime_dir,
                           lambda cid: hierarchy.membership(hierarchies, root, cid),
-                          python=python, code_root=code_root)
+                          python=python, code_root=code_root,
+                          roots=[os.path.join(m, root) for m in sorted(mounts)])
     return Containerizer(reactor, linux, runtime_dir=runtime_dir, isolators=isolators,
                          provisioner=provisioner, on_limitation=on_limitation)
 

@@ -30,7 +30,7 @@ import stat
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
-from twisted.internet.defer import returnValue, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -152,8 +152,14 @@ class Containerizer:
             for isolator in self.isolators:
                 try:
                     yield maybeDeferred(isolator.recover, list(states))
+                    for state in states:
+                        if state.resources is not None:
+                            yield maybeDeferred(isolator.update, state.container_id,
+                                                state.resources)
                 except Exception:  # noqa: BLE001 — recover the others
                     log.failure("Isolator {name} failed to recover", name=isolator.name)
+            for state in states:
+                self._watch(state.container_id)
             orphans = yield self.launcher.orphans(live)
             for cid in orphans:
                 log.warn("Destroying orphan container {cid}", cid=cid)
@@ -232,6 +238,11 @@ class Containerizer:
                                                 config.user, process.cwd))
         container = yield self.launcher.launch(cid, spec, before_exec=self._isolate
                                                if self._has_isolate else None)
+        self._watch(cid)
+        return container
+
+    def _watch(self, cid: str) -> None:
+        """Hand every limitation an isolator sees for the container to `on_limitation`."""
         for isolator in self.isolators:
             watching = isolator.watch(cid)
             if watching is not None:
@@ -239,7 +250,6 @@ class Containerizer:
                                      self.on_limitation(cid, limitation))
                 watching.addErrback(lambda f, name=isolator.name: log.failure(
                     "Isolator {name} failed to watch", f, name=name))
-        returnValue(container)
 
     @inlineCallbacks
     def _isolate(self, container_id: str, pid: int):
@@ -286,7 +296,8 @@ class Containerizer:
             except ValueError as e:
                 raise ContainerError(str(e)) from None
         spec = self._isolation(task_info, container_info, config.directory, image)
-        spec["cgroups"] = list(info.cgroups)
+        # The container's membership cgroup too: a destroy must find the task's processes.
+        spec["cgroups"] = list(info.cgroups) + [self.launcher.membership(cid).path]
         if image is not None:  # (else our executor fills in the process, as without a spec)
             spec.update(self._image_process(image[0], task.info.get("command") or {},
                                             task.variables, task.user_name, None))
@@ -318,7 +329,10 @@ class Containerizer:
         """argv, env, cwd and user for a process in an image (the image config merged with
         the CommandInfo by Mesos's rules)."""
         from agent.containerizer.provisioner import runtime
-        argv, env, workdir, image_user = runtime.merge(rootfs.config, command)
+        try:
+            argv, env, workdir, image_user = runtime.merge(rootfs.config, command)
+        except ValueError as e:
+            raise ContainerError(str(e)) from None
         env = {**env, **variables, "MESOS_SANDBOX": spawn.SANDBOX_TARGET,
                **runtime.command_environment(command)}
         env.setdefault("PATH", runtime.DEFAULT_PATH)
@@ -386,8 +400,11 @@ class Containerizer:
         return None
 
     def status(self, container_id: str) -> dict:
-        """ContainerStatus fields the isolators report (e.g. network_infos)."""
-        out: dict = {}
+        """ContainerStatus fields the isolators report (e.g. network_infos); with the
+        linux launcher at least the container id (as Mesos's agent sends it)."""
+        if not self.linux:
+            return {}
+        out: dict = {"container_id": {"value": container_id}}
         for isolator in self.isolators:
             out.update(isolator.status(container_id) or {})
         return out

@@ -21,9 +21,9 @@ from typing import Callable
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
-from zope.interface import implementer
+
+from agora.fd_reader import FdReader
 
 from agent.users import RunAs
 
@@ -119,27 +119,6 @@ def signal_session(sid: int, sig: int) -> int:
     return count
 
 
-@implementer(IReadDescriptor)
-class _PidfdReader:
-    """Lets the reactor wake us when a pidfd becomes readable (the process exited)."""
-
-    def __init__(self, fd: int, ready: Callable[[], None]):
-        self.fd = fd
-        self.ready = ready
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def doRead(self):
-        self.ready()
-
-    def connectionLost(self, reason):
-        pass
-
-    def logPrefix(self) -> str:
-        return "pidfd"
-
-
 class Container:
     """One launched container: its leader's pid, its exit, and the means to kill it all.
 
@@ -156,7 +135,7 @@ class Container:
         self.status: int | None = None
         self.exited: Deferred = Deferred()
         self._popen = popen
-        self._reader: _PidfdReader | None = None
+        self._reader: FdReader | None = None
         # Destroy state: phase None (not asked), "TERM" (grace period) or "KILL".
         self._phase: str | None = None
         self._termed: set[int] = set()  # members that already got SIGTERM
@@ -194,7 +173,7 @@ class Container:
                                       name=f"wait-{self.pid}")
             thread.start()
             return
-        self._reader = _PidfdReader(fd, self._reap)
+        self._reader = FdReader(fd, self._reap)
         self.reactor.addReader(self._reader)
 
     def _wait_in_thread(self) -> None:
@@ -325,7 +304,7 @@ class RecoveredContainer(Container):
 
     def _watch(self) -> None:
         if self._pidfd is not None:
-            self._reader = _PidfdReader(self._pidfd, self._reap)
+            self._reader = FdReader(self._pidfd, self._reap)
             self.reactor.addReader(self._reader)
         else:  # no pidfds: look at /proc now and then
             self._poll_call = self.reactor.callLater(0.5, self._poll)

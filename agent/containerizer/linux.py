@@ -23,8 +23,10 @@ from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from agora.fd_reader import FdReader
+
 from agent.containerizer import helper_wire as wire
-from agent.containerizer.launcher import Container, LaunchError, _PidfdReader
+from agent.containerizer.launcher import Container, LaunchError
 
 log = Logger()
 
@@ -66,7 +68,7 @@ class CgroupContainer(Container):
             self.status_known = False
             self._exited(0)
             return
-        self._reader = _PidfdReader(fd, self._pidfd_ready)
+        self._reader = FdReader(fd, self._pidfd_ready)
         self.reactor.addReader(self._reader)
 
     def _pidfd_ready(self) -> None:
@@ -119,9 +121,11 @@ class LinuxLauncher:
     name = "linux"
 
     def __init__(self, reactor, runtime_dir: str, membership, *, python: str = sys.executable,
-                 code_root: str | None = None, idle_exit: float = 30.0):
+                 code_root: str | None = None, idle_exit: float = 30.0, roots=()):
         """`membership(container_id)` returns the container's membership cgroup (not yet
-        created): an object with `path`, `create()`, `procs()`, `kill()` and `remove()`."""
+        created): an object with `path`, `create()`, `procs()`, `kill()` and `remove()`.
+        `roots` are this agent's cgroup directories, removed (if empty) when it stops."""
+        self.roots = tuple(roots)
         self.reactor = reactor
         self.runtime_dir = runtime_dir
         self.membership = membership
@@ -240,6 +244,11 @@ class LinuxLauncher:
         if self._connection is not None:
             self._send({"op": "exit"})
             self._connection.transport.loseConnection()
+        for root in self.roots:
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass  # not empty (a container outlives us) or not there
         return succeed(None)
 
     # --- containers ----------------------------------------------------------------------
