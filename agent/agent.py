@@ -638,8 +638,9 @@ class Agent:
                        lambda failure: self._container_failed(fw, executor, failure))
 
     def _container_started(self, fw: st.Framework, executor: st.Executor, container) -> None:
-        if executor.state != st.LAUNCHING or self._stopping:
-            # Shut down (or the agent stopped) while it was being launched.
+        if executor.state in (st.TERMINATING, st.TERMINATED) or self._stopping:
+            # Shut down (or the agent stopped) while it was being launched. (It may have
+            # subscribed already: RUNNING before we hear that it started is fine.)
             self.containerizer.destroy(container)
             return
         directory = executor.directory
@@ -658,7 +659,7 @@ class Agent:
             self.executor_registration_timeout, self._registration_timed_out, executor)
 
     def _container_failed(self, fw: st.Framework, executor: st.Executor, failure) -> None:
-        if executor.state != st.LAUNCHING or self._stopping:
+        if executor.state in (st.TERMINATING, st.TERMINATED) or self._stopping:
             return
         if failure.check(LaunchError, OSError, ValueError):
             message = failure.getErrorMessage()

@@ -61,11 +61,13 @@ def task_updates_path(work_dir: str, agent_id: str, framework_id: str, executor_
                         "tasks", sandbox.check_id("task id", task_id), UPDATES_FILE)
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new content.
 
     Temporary file in the same directory, fsync, rename over `path`, fsync the directory
-    (the rename itself must survive too). Creates missing parent directories.
+    (the rename itself must survive too). Creates missing parent directories. Without
+    `durable` (runtime state that a reboot makes moot) the fsyncs are skipped: readers
+    still never see a partial file.
     """
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -73,8 +75,9 @@ def atomic_write(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(temp, path)
     except BaseException:
         try:
@@ -82,6 +85,8 @@ def atomic_write(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+    if not durable:
+        return
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

@@ -106,14 +106,15 @@ def _agent_options(p: argparse.ArgumentParser) -> None:
 
 def _containerizer_options(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("containers (docs/containers.md)")
-    c.add_argument("--launcher", choices=("posix", "linux"), default="posix",
+    c.add_argument("--launcher", choices=("auto", "posix", "linux"), default="auto",
                    help="posix: plain processes in their own sessions; linux (root): "
                         "containers forked by a launch helper, with namespaces, cgroups and "
-                        "images (default posix)")
+                        "images; auto (the default): linux when root with cgroups, else posix")
     c.add_argument("--isolation", default=None, metavar="NAMES",
                    help="comma-separated isolators, e.g. 'filesystem/linux,namespaces/pid,"
                         "cgroups/cpu,cgroups/mem,network/cni' (default for linux: "
-                        "filesystem/linux,namespaces/pid,cgroups/cpu,cgroups/mem)")
+                        "filesystem/linux,namespaces/pid and the cgroups/cpu and cgroups/mem "
+                        "this host has)")
     c.add_argument("--runtime-dir", default=None, metavar="DIR",
                    help="containers' runtime state (default WORK_DIR/run)")
     c.add_argument("--cgroups-root", default="agora", metavar="NAME",

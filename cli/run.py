@@ -101,8 +101,17 @@ def _agent_kwargs(args, fetcher_cache_dir) -> dict:
                 disk_watch_interval=args.disk_watch_interval, switch_user=args.switch_user,
                 recover=args.recover,
                 executor_reregistration_timeout=args.executor_reregistration_timeout,
-                launcher=args.launcher, isolation=args.isolation,
-                container_flags=container_flags(args))
+                **_launcher(args), container_flags=container_flags(args))
+
+
+def _launcher(args) -> dict:
+    """launcher and isolation: `--launcher auto` picks for this host (docs/containers.md)."""
+    from agent.containerizer import choose_launcher
+    if args.launcher != "auto":
+        return {"launcher": args.launcher, "isolation": args.isolation}
+    launcher, isolation = choose_launcher()
+    return {"launcher": launcher,
+            "isolation": args.isolation if args.isolation is not None else isolation}
 
 
 def container_flags(args) -> dict:

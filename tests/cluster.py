@@ -168,6 +168,18 @@ def descendants(pid: int) -> list:
     return out
 
 
+def own_pid(pid: int) -> int:
+    """The pid a process sees for itself: in its own PID namespace (NSpid's last field)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except OSError:
+        pass
+    return pid
+
+
 def processes_with(marker: str) -> list:
     """Pids whose command line contains `marker` (e.g. a unique work dir)."""
     pids = []

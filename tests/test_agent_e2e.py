@@ -270,8 +270,11 @@ def test_monitor_statistics_show_the_running_tasks_executor(setup):
         assert entry["framework_id"] == setup["sched"].framework_id
         assert entry["statistics"]["mem_rss_bytes"] > 0
         assert entry["statistics"]["processes"] >= 2
-        assert entry["statistics"]["cpus_limit"] == pytest.approx(0.2)
-        assert entry["statistics"]["mem_limit_bytes"] == 48 * 1024 * 1024
+        # In a linux container the limits are the cgroup's: our executor's 0.1 cpus and
+        # 32 MB come on top of the task's (as in Mesos).
+        linux = get_json(setup["agent"].url + "/flags")["flags"]["launcher"] == "linux"
+        assert entry["statistics"]["cpus_limit"] == pytest.approx(0.3 if linux else 0.2)
+        assert entry["statistics"]["mem_limit_bytes"] == (80 if linux else 48) * 1024 * 1024
     finally:
         setup["driver"].killTask({"value": name})
     wait_state(setup, name, "TASK_KILLED")

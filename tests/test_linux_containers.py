@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import uuid
 
 import pytest
 
@@ -36,17 +38,21 @@ def cpus(n: float) -> dict:
 
 
 def container_dirs(cluster) -> list[str]:
-    """Every directory the containerizer keeps for this agent's containers right now."""
-    root = cluster.agent.containerizer.isolators[3].settings.flags["cgroups_root"]
+    """Every directory the containerizer keeps for this agent's containers right now: its
+    cgroups in every hierarchy, and their runtime directories."""
     found = []
-    for hierarchy in ("cpu", "memory", "pids", "freezer"):
-        base = f"/sys/fs/cgroup/{hierarchy}/{root}"
-        if os.path.isdir(base):
-            found += [os.path.join(base, n) for n in os.listdir(base)
-                      if os.path.isdir(os.path.join(base, n))]
+    for root in cluster.agent.containerizer.launcher.roots:
+        if os.path.isdir(root):
+            found += [os.path.join(root, n) for n in os.listdir(root)
+                      if os.path.isdir(os.path.join(root, n))]
     runtime = os.path.join(cluster.agent.containerizer.runtime_dir, "containers")
     if os.path.isdir(runtime):
         found += [os.path.join(runtime, n) for n in os.listdir(runtime)]
+    cni = os.path.join(cluster.agent.containerizer.runtime_dir, "cni")
+    if os.path.isdir(cni):
+        found += [os.path.join(cni, n) for n in os.listdir(cni)]
+    with open("/proc/self/mountinfo") as f:  # mounts (netns files, rootfs) on the host
+        found += [line.split()[4] for line in f if cluster.work_dir in line.split()[4]]
     return found
 
 
@@ -105,3 +111,92 @@ def test_statistics_come_from_the_cgroups(linux):
     assert entry["cpus_limit"] == pytest.approx(0.6)
     assert entry["processes"] >= 2
     assert "cpus_user_time_secs" in entry and "mem_rss_bytes" in entry
+
+
+@pytest.fixture
+def cni_network(tmp_path):
+    """A CNI bridge network (no gateway, no masquerade: nothing on the host's own stack
+    changes but an unaddressed bridge, deleted at the end) named agora-test."""
+    if not os.path.exists("/usr/lib/cni/bridge"):
+        pytest.skip("containernetworking-plugins is not installed (scripts/test installs it)")
+    bridge = "agt" + uuid.uuid4().hex[:8]
+    config_dir = tmp_path / "cni"
+    config_dir.mkdir()
+    ipam_dir = tmp_path / "ipam"
+    (config_dir / "10-agora-test.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "agora-test",
+        "plugins": [{"type": "bridge", "bridge": bridge, "isGateway": False, "ipMasq": False,
+                     "ipam": {"type": "host-local", "dataDir": str(ipam_dir),
+                              "ranges": [[{"subnet": "10.251.7.0/24"}]]}}]}))
+    yield str(config_dir), ipam_dir
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def test_a_cni_network_gives_the_task_an_address_it_reports(make_cluster, cni_network):
+    """network/cni: the task sees eth0 with the address its status reports; DEL releases
+    it and the namespace goes."""
+    config_dir, ipam_dir = cni_network
+    c = make_cluster(launcher="linux", isolation="filesystem/linux,network/cni,cgroups/mem",
+                     container_flags={"image_providers": "",
+                                      "network_cni_config_dir": config_dir})
+    c.wait_registered()
+    c.run_task("net", "ip -4 -o addr show eth0; ip -o link | grep -c ': '",
+               resources=[cpus(0.1), mem(64)],
+               container={"type": "MESOS", "network_infos": [{"name": "agora-test"}]})
+    running = c.wait_state("net", "TASK_RUNNING")
+    [info] = running["container_status"]["network_infos"]
+    assert info["name"] == "agora-test"
+    address = info["ip_addresses"][0]["ip_address"]
+    assert address.startswith("10.251.7.")
+    c.wait_state("net", "TASK_FINISHED")
+    out = c.read_sandbox("net").splitlines()
+    assert f"inet {address}/24" in out[0]
+    assert out[1] == "2"  # lo and eth0: not the host's interfaces
+    wait_for(lambda: not container_dirs(c), what="the container to be cleaned up")
+    wait_for(lambda: not [n for n in os.listdir(ipam_dir / "agora-test")
+                          if n.startswith("10.")], what="the address to be released")
+
+
+def test_an_unknown_cni_network_fails_the_launch_with_the_known_ones(make_cluster,
+                                                                     cni_network):
+    """A task naming a network the config dir lacks: TASK_FAILED saying which exist."""
+    config_dir, _ = cni_network
+    c = make_cluster(launcher="linux", isolation="filesystem/linux,network/cni",
+                     container_flags={"image_providers": "",
+                                      "network_cni_config_dir": config_dir})
+    c.run_task("nonet", "true", container={"type": "MESOS",
+                                           "network_infos": [{"name": "nowhere"}]})
+    status = c.wait_state("nonet", "TASK_FAILED")
+    assert status["reason"] == "REASON_CONTAINER_LAUNCH_FAILED"
+    assert "nowhere" in status["message"] and "agora-test" in status["message"]
+    wait_for(lambda: not container_dirs(c), what="the container to be cleaned up")
+
+
+def test_volumes_are_mounted_and_read_only_ones_refuse_writes(linux, tmp_path):
+    """A host_path volume read-only in the sandbox, a sandbox_path volume read-write."""
+    data = tmp_path / "shared"
+    data.mkdir()
+    (data / "hello").write_text("from the host\n")
+    volumes = [{"container_path": "ro", "mode": "RO",
+                "source": {"type": "HOST_PATH", "host_path": {"path": str(data)}}},
+               {"container_path": "rw", "mode": "RW",
+                "source": {"type": "SANDBOX_PATH", "sandbox_path": {"type": "SELF",
+                                                                    "path": "store"}}}]
+    linux.run_task("vol", "cat ro/hello; touch ro/x 2>/dev/null && echo bad || echo ro-ok; "
+                          "echo kept > rw/f", resources=[cpus(0.1), mem(64)],
+                   container={"type": "MESOS", "volumes": volumes})
+    linux.wait_state("vol", "TASK_FINISHED")
+    assert linux.read_sandbox("vol").splitlines() == ["from the host", "ro-ok"]
+    assert open(os.path.join(linux.sandbox("vol"), "store", "f")).read() == "kept\n"
+    assert not os.listdir(data) == ["hello", "x"]
+
+
+def test_a_bad_volume_fails_the_launch_and_leaves_nothing(linux):
+    """A volume escaping the sandbox: TASK_FAILED with the reason, nothing left."""
+    volumes = [{"container_path": "../../escape", "mode": "RW",
+                "source": {"type": "SANDBOX_PATH", "sandbox_path": {"path": "x"}}}]
+    linux.run_task("badvol", "true", container={"type": "MESOS", "volumes": volumes})
+    status = linux.wait_state("badvol", "TASK_FAILED")
+    assert status["reason"] == "REASON_CONTAINER_LAUNCH_FAILED"
+    assert "leaves the sandbox" in status["message"]
+    wait_for(lambda: not container_dirs(linux), what="the container to be cleaned up")

@@ -9,12 +9,30 @@ import hashlib
 import os
 
 LAUNCHERS = ("posix", "linux")
+CGROUP_ISOLATORS = (("cgroups/cpu", "cpu"), ("cgroups/mem", "memory"))
 DEFAULT_LINUX_ISOLATION = "filesystem/linux,namespaces/pid,cgroups/cpu,cgroups/mem"
 DEFAULT_POSIX_ISOLATION = "posix/cpu,posix/mem"
 
 
 def default_isolation(launcher: str) -> str:
     return DEFAULT_LINUX_ISOLATION if launcher == "linux" else DEFAULT_POSIX_ISOLATION
+
+
+def choose_launcher(cgroups_base: str = "/sys/fs/cgroup") -> tuple[str, str | None]:
+    """`--launcher auto`: (launcher, isolation) for this host. linux as root with a freezer
+    (v1 or v2) and the cgroup isolators whose controllers are there; posix otherwise."""
+    if os.geteuid() != 0 or not os.path.isdir(cgroups_base):
+        return "posix", None
+    from isolators.cgroups import hierarchy
+    try:
+        hierarchies = hierarchy.discover(cgroups_base)
+    except OSError:
+        return "posix", None
+    if hierarchies.version("freezer") is None:
+        return "posix", None
+    names = ["filesystem/linux", "namespaces/pid"] + [
+        name for name, controller in CGROUP_ISOLATORS if hierarchies.version(controller)]
+    return "linux", ",".join(names)
 
 
 def agent_cgroups_root(cgroups_root: str, runtime_dir: str) -> str:

@@ -300,9 +300,10 @@ class Containerizer:
         spec["cgroups"] = list(info.cgroups) + [self.launcher.membership(cid).path]
         if image is not None:  # (else our executor fills in the process, as without a spec)
             spec.update(self._image_process(image[0], task.info.get("command") or {},
-                                            task.variables, task.user_name, None))
+                                            {**info.env, **task.variables}, task.user_name,
+                                            None))
         path = task_spec_path(self.container_dir(cid), task.task_id)
-        yield self._thread(checkpoint.atomic_write, path, json.dumps(spec).encode())
+        yield self._thread(checkpoint.atomic_write, path, json.dumps(spec).encode(), False)
 
     def _rootfs(self, container_info: dict | None, key: str, cid: str) -> Deferred:
         """(provisioned Rootfs, its mount point) for the image of `container_info`, or None."""

@@ -140,6 +140,7 @@ class LinuxLauncher:
         self._waits: dict[str, Deferred] = {}
         self._spawned = False
         self._stopping = False
+        self._closed: Deferred | None = None  # stop() waits on it
 
     # --- the helper ----------------------------------------------------------------------
 
@@ -193,6 +194,9 @@ class LinuxLauncher:
         if self._connection is not connection:
             return
         self._connection = None
+        if self._closed is not None:
+            closed, self._closed = self._closed, None
+            closed.callback(None)
         self._spawned = False
         if not self._stopping:
             log.error("Lost the launch helper; running containers are watched through pidfds")
@@ -241,15 +245,19 @@ class LinuxLauncher:
     def stop(self) -> Deferred:
         """Let go of the helper: it exits once its last container has."""
         self._stopping = True
-        if self._connection is not None:
-            self._send({"op": "exit"})
-            self._connection.transport.loseConnection()
         for root in self.roots:
             try:
                 os.rmdir(root)
             except OSError:
                 pass  # not empty (a container outlives us) or not there
-        return succeed(None)
+        if self._connection is None:
+            return succeed(None)
+        # Fires once `exit` is written and the connection closed: a reactor that stops
+        # sooner would leave the helper waiting out its idle time.
+        self._closed = Deferred()
+        self._send({"op": "exit"})
+        self._connection.transport.loseConnection()
+        return self._closed
 
     # --- containers ----------------------------------------------------------------------
 
