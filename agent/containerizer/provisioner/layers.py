@@ -295,9 +295,15 @@ def unpack(stream: BinaryIO, dest: str, *, whiteouts: bool = True, prefix: str |
                     continue
             size += _BLOCK
             base = rel.rsplit("/", 1)[-1]
-            if whiteouts and base.startswith(WHITEOUT):
-                _whiteout(tree, rel, base, member)
-                continue
+            if whiteouts and WHITEOUT in rel:
+                if base == OPAQUE:
+                    _opaque(tree, rel, member)
+                    continue
+                if any(p.startswith(WHITEOUT + WHITEOUT) for p in rel.split("/")):
+                    continue  # aufs bookkeeping (.wh..wh.plnk/, .wh..wh.aufs): not content
+                if base.startswith(WHITEOUT):
+                    _whiteout(tree, rel, base, member)
+                    continue
             if member.isdir():
                 tree.clear(rel, keep_dir=True)
                 if rel and rel not in tree.kinds:
@@ -362,15 +368,17 @@ def unpack(stream: BinaryIO, dest: str, *, whiteouts: bool = True, prefix: str |
     return Unpacked(size, entries)
 
 
+def _opaque(tree: _Tree, rel: str, member: tarfile.TarInfo) -> None:
+    tree.parent_ready(rel, member.name)
+    os.setxattr(tree.path(rel.rsplit("/", 1)[0] if "/" in rel else ""), OPAQUE_XATTR, b"y")
+
+
 def _whiteout(tree: _Tree, rel: str, base: str, member: tarfile.TarInfo) -> None:
+    name = base[len(WHITEOUT):]
+    if not name:
+        raise LayerError(f"whiteout {member.name!r} names nothing")
     parent = rel.rsplit("/", 1)[0] if "/" in rel else ""
     tree.parent_ready(rel, member.name)
-    if base == OPAQUE:
-        os.setxattr(tree.path(parent), OPAQUE_XATTR, b"y")
-        return
-    if base.startswith(WHITEOUT + WHITEOUT):
-        return  # aufs metadata (.wh..wh.plnk, .wh..wh.aufs): not content
-    name = base[len(WHITEOUT):]
     target = f"{parent}/{name}" if parent else name
     tree.clear(target, keep_dir=False)
     path = tree.path(target)

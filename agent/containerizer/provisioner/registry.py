@@ -279,9 +279,13 @@ class Registry:
             response.close()
             conn.close()
         if status == 401 or status == 403:
+            detail = f" ({_error_message(data)})" if _error_message(data) else ""
+            if not self.credentials:
+                raise ImageError(f"registry {self.host} requires authentication (its token "
+                                 f"server {parts.netloc} gives no anonymous token){detail}; "
+                                 "give the image a credential or set --docker-credentials")
             raise ImageError(f"authentication failed for registry {self.host}: the token "
-                             f"server {parts.netloc} refused the credentials"
-                             + (f" ({_error_message(data)})" if _error_message(data) else ""))
+                             f"server {parts.netloc} refused the credentials{detail}")
         if status != 200:
             raise ImageError(f"the token server {parts.netloc} of registry {self.host} "
                              f"answered {status}")

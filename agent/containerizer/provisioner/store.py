@@ -222,8 +222,8 @@ class Store:
                 raise ImageError(f"{source.what}: {stored.count} bytes were downloaded, the "
                                  f"manifest says {source.size}")
             if source.diff_id is not None and tar.digest() != source.diff_id:
-                raise ImageError(f"{source.what}: the uncompressed layer has digest "
-                                 f"{tar.digest()}, but the image config says {source.diff_id}")
+                raise ImageError(f"{source.what}: the uncompressed content has digest "
+                                 f"{tar.digest()}, not the expected {source.diff_id}")
             extra = source.finish() if source.finish is not None else {}
             if progress is not None:
                 progress(f"{source.what}: done, {stored.count / 1e6:.1f} MB")
