@@ -111,8 +111,22 @@ class Registry:
         """GET /v2/ once: the registry answers (200, or 401 with a challenge we can meet)."""
         if self._checked:
             return
-        with self._request("/v2/", scope=None) as response:
+        response, conn = self._get(self._url("/v2/"), {}, self._authorization(None))
+        try:
+            if response.status == 401:
+                # Up, and wants auth: met on the first repository request, whose challenge
+                # names the scope. Basic can be sent from then on without asking.
+                scheme, _ = parse_challenge(response.getheader("WWW-Authenticate") or "")
+                self._basic = scheme == "basic"
+            elif response.status == 404:
+                raise ImageError(f"{self.host} is not a Docker registry v2 (GET /v2/ "
+                                 "answered 404)")
+            elif not 200 <= response.status < 300:
+                self._failed(response, "/v2/", None, None)
             response.read()
+        finally:
+            response.close()
+            conn.close()
         self._checked = True
 
     def manifest(self, repository: str, ref: str, name: str) -> tuple[bytes, str | None, str | None]:
@@ -151,12 +165,18 @@ class Registry:
             response.close()
             conn.close()
             auth = self._answer(challenge, scope, detail)
-        status = response.status
-        if 200 <= status < 300:
+        if 200 <= response.status < 300:
             return Body(response, conn, self.host)
+        try:
+            self._failed(response, path, name, what)
+        finally:
+            response.close()
+            conn.close()
+
+    def _failed(self, response, path: str, name: str | None, what: str | None):
+        """Raise the ImageError for an unsuccessful response."""
+        status = response.status
         detail = _error_message(response.read(64 << 10))
-        response.close()
-        conn.close()
         subject = what or (f"image {name}" if name else path)
         suffix = f" ({detail})" if detail else ""
         if status == 401:
@@ -165,9 +185,6 @@ class Registry:
         if status == 403:
             raise ImageError(f"registry {self.host} denied access to {subject}{suffix}")
         if status == 404:
-            if path == "/v2/":
-                raise ImageError(f"{self.host} is not a Docker registry v2 (GET /v2/ answered "
-                                 "404)")
             raise ImageError(f"{subject} not found in registry {self.host}{suffix}")
         if status == 429:
             raise ImageError(f"registry {self.host} refused {subject}: too many requests "
