@@ -10,11 +10,12 @@
 - that image as an OCI layout directory (`<oci_image_dir>/busybox`, tag `latest`), an OCI
   archive (`<oci_image_dir>/busybox-archive.tar`) and a `docker save` archive
   (`<docker_archive_dir>/ctrverify/busybox:latest.tar`), all with skopeo;
-- a real `docker-registry` on 127.0.0.1 holding it as Docker schema2 (`:v2s2`) and OCI
-  (`:oci`), plus a Docker manifest list (`:multi`) and an OCI index (`:multi-oci`) whose
-  other entry is a linux/arm64 image with marker "arm64";
-- two more registries on the same storage: htpasswd Basic auth, and bearer-token auth
-  with a token server of ours (RS256 JWTs, x5c chain, certificate made with `cryptography`);
+- a real `docker-registry` on 127.0.0.1 holding it as Docker schema2 (`:v2s2`), OCI
+  (`:oci`) and OCI with zstd layers (`:zstd`), plus a Docker manifest list (`:multi`) and
+  an OCI index (`:multi-oci`) whose other entry is a linux/arm64 image with marker "arm64";
+- three more registries on the same storage: htpasswd Basic auth, bearer-token auth with a
+  token server of ours (RS256 JWTs, x5c chain, certificate made with `cryptography`), and
+  https with a self-signed certificate;
 - an AppC ACI (tarfile: `manifest` + `rootfs/`, gzipped) in a store directory and served
   for simple discovery by an HTTP server on 127.0.0.1.
 
@@ -124,7 +125,8 @@ def tree(root: str) -> dict:
 class RegistryServer:
     """A `docker-registry serve` on 127.0.0.1, its own config; access log on stderr."""
 
-    def __init__(self, base: str, storage: str, auth: dict | None = None):
+    def __init__(self, base: str, storage: str, auth: dict | None = None,
+                 tls: tuple[str, str] | None = None):
         self.port = free_ports(1)[0]
         self.host = f"127.0.0.1:{self.port}"
         os.makedirs(base, exist_ok=True)
@@ -136,6 +138,10 @@ class RegistryServer:
                   "http": {"addr": self.host}}
         if auth:
             config["auth"] = auth
+        self.ca = None
+        if tls:
+            config["http"]["tls"] = {"certificate": tls[0], "key": tls[1]}
+            self.ca = tls[0]
         self.config_path = os.path.join(base, "config.yml")
         with open(self.config_path, "w") as f:
             json.dump(config, f)  # YAML is a superset of JSON
@@ -152,7 +158,13 @@ class RegistryServer:
         if self.proc.poll() is not None:
             raise RuntimeError(f"registry exited: {self.tail()}")
         try:
-            urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).close()
+            if self.ca:
+                import ssl
+                context = ssl.create_default_context(cafile=self.ca)
+                urllib.request.urlopen(f"https://{self.host}/v2/", timeout=1,
+                                       context=context).close()
+            else:
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1).close()
             return True
         except urllib.error.HTTPError:
             return True  # 401: up, and wants auth
@@ -224,20 +236,9 @@ class TokenServer:
     (what distribution's `auth: token` verifies against its rootcertbundle)."""
 
     def __init__(self, base: str, credentials: tuple[str, str]):
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
+        from cryptography.hazmat.primitives import serialization
 
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agora test token signer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - datetime.timedelta(days=1))
-                     .not_valid_after(now + datetime.timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-                     .sign(self.key, hashes.SHA256()))
+        self.key, self.cert = self_signed("agora test token signer")
         os.makedirs(base, exist_ok=True)
         self.cert_path = os.path.join(base, "token-cert.pem")
         with open(self.cert_path, "wb") as f:
@@ -298,6 +299,45 @@ class TokenServer:
         self.httpd.server_close()
 
 
+def self_signed(common_name: str, ip: str | None = None):
+    """(RSA key, self-signed CA certificate), valid for `ip` too when given."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=1))
+               .not_valid_after(now + datetime.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), True))
+    if ip is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(ip))]), False)
+    return key, builder.sign(key, hashes.SHA256())
+
+
+def write_tls(base: str, ip: str = "127.0.0.1") -> tuple[str, str]:
+    """(certificate, key) PEM files of a self-signed server certificate for `ip`."""
+    from cryptography.hazmat.primitives import serialization
+
+    key, cert = self_signed(f"agora test registry {ip}", ip)
+    os.makedirs(base, exist_ok=True)
+    cert_path, key_path = os.path.join(base, "tls-cert.pem"), os.path.join(base, "tls-key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.TraditionalOpenSSL,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 def _b64url(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
@@ -325,6 +365,7 @@ class BusyboxImages:
     oci_name: str = ""  # the same image with OCI media types, in the registry
     list_name: str = ""  # a Docker manifest list: linux/amd64 (this) and linux/arm64
     index_name: str = ""  # the same as an OCI index
+    zstd_name: str = ""  # OCI, layers compressed with zstd
     docker_archive_dir: str = ""
     docker_archive_name: str = "ctrverify/busybox:latest"
     oci_image_dir: str = ""
@@ -345,6 +386,9 @@ class BusyboxImages:
     token_server: TokenServer | None = None
     token_registry_server: RegistryServer | None = None
     token_credentials: tuple = TOKEN_CREDENTIALS
+    tls_registry: str = ""  # https with a self-signed certificate (`tls_ca`)
+    tls_ca: str = ""
+    tls_server: RegistryServer | None = None
     layer_digests: tuple = ()  # of the v2s2 manifest's (gzipped) layers
     diff_ids: tuple = ()
 
@@ -363,7 +407,7 @@ class BusyboxImages:
 
     def stop(self) -> None:
         for server in (self.registry_server, self.basic_server, self.token_registry_server,
-                       self.token_server, self.aci_server):
+                       self.token_server, self.tls_server, self.aci_server):
             if server is not None:
                 server.stop()
 
@@ -547,6 +591,8 @@ def _build(images: BusyboxImages, base: str) -> None:
     push = ("skopeo", "copy", "-q", "--dest-tls-verify=false")
     run(*push, "--format", "v2s2", f"oci:{layout}:busybox", f"{reg}:v2s2")
     run(*push, f"oci:{layout}:busybox", f"{reg}:oci")
+    run(*push, "--dest-compress-format", "zstd", "--dest-compress", f"oci:{layout}:busybox",
+        f"{reg}:zstd")
     run(*push, "--format", "v2s2", f"oci:{layout}:arm64", f"{reg}:arm64-v2s2")
     run(*push, f"oci:{layout}:arm64", f"{reg}:arm64-oci")
     from agent.containerizer.provisioner import manifest as mf
@@ -567,6 +613,7 @@ def _build(images: BusyboxImages, base: str) -> None:
     images.oci_name = f"{server.host}/{REPOSITORY}:oci"
     images.list_name = f"{server.host}/{REPOSITORY}:multi"
     images.index_name = f"{server.host}/{REPOSITORY}:multi-oci"
+    images.zstd_name = f"{server.host}/{REPOSITORY}:zstd"
     # registries with auth, on the same storage (they only read it)
     htpasswd = os.path.join(base, "htpasswd")
     with open(htpasswd, "w") as f:
@@ -583,6 +630,10 @@ def _build(images: BusyboxImages, base: str) -> None:
                    "issuer": TOKEN_ISSUER, "rootcertbundle": images.token_server.cert_path}})
     images.token_registry_server.start()
     images.token_registry = images.token_registry_server.host
+    images.tls_server = RegistryServer(os.path.join(base, "registry-tls"), storage,
+                                       tls=write_tls(os.path.join(base, "tls")))
+    images.tls_server.start()
+    images.tls_registry, images.tls_ca = images.tls_server.host, images.tls_server.ca
     # AppC: a store directory, and the same file served for simple discovery
     aci, images.aci_id = build_aci(os.path.join(base, "build"), images.rootfs)
     file_name = f"{ACI_NAME}-{ACI_VERSION}-linux-amd64.aci"

@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import socket
+import ssl
 import tarfile
 import threading
 
@@ -241,3 +242,17 @@ def test_challenges_and_loopback_hosts_parse():
     assert [is_loopback(h) for h in ("127.0.0.1:5000", "127.1.2.3", "localhost:80", "[::1]:5",
                                      "registry-1.docker.io", "10.0.0.1:5000")] == \
         [True, True, True, True, False, False]
+
+
+def test_https_registries_are_verified(busybox_images):
+    """https with a CA that trusts the registry works; without it, the error says the
+    certificate is not trusted; plain http to an https registry is refused by it."""
+    host = busybox_images.tls_registry
+    trusted = Registry(host, secure=True,
+                       ssl_context=ssl.create_default_context(cafile=busybox_images.tls_ca))
+    data, content_type, digest = trusted.manifest("ctrverify/busybox", "v2s2", "busybox")
+    assert content_type == mf.DOCKER_MANIFEST and digest == _digest(data)
+    with pytest.raises(ImageError, match="CA certificates do not trust it"):
+        Registry(host, secure=True).check()
+    with pytest.raises(ImageError, match="answered 400"):
+        Registry(host).check()  # loopback: plain http

@@ -15,7 +15,7 @@ import pytest
 from agent.containerizer.provisioner import Provisioner, Rootfs
 from agent.containerizer.provisioner.errors import ImageError
 from tests.cluster import REPO, wait_for
-from tests.images import CMD, IMAGE_ENV, MARKER, WORKING_DIR, busybox_images, tree  # noqa: F401
+from tests.images import CMD, IMAGE_ENV, WORKING_DIR, busybox_images, tree  # noqa: F401
 
 OVERLAY_CONFIG = ("/bin/sh", "-c", "cat /etc/agora-image")
 
@@ -32,7 +32,7 @@ def make(tmp_path, images, name="store", **kwargs) -> Provisioner:
     return Provisioner(str(tmp_path / name), **options)
 
 
-SOURCE_IDS = ["registry-v2s2", "registry-oci", "registry-list", "registry-index",
+SOURCE_IDS = ["registry-v2s2", "registry-oci", "registry-zstd", "registry-list", "registry-index",
               "docker-archive", "oci-layout", "oci-archive", "appc-store", "appc-discovery"]
 
 
@@ -41,6 +41,7 @@ def source(images, which):
     return {
         "registry-v2s2": (images.docker_image(images.v2s2_name), {}),
         "registry-oci": (images.docker_image(images.oci_name), {}),
+        "registry-zstd": (images.docker_image(images.zstd_name), {}),
         "registry-list": (images.docker_image(images.list_name), {}),
         "registry-index": (images.docker_image(images.index_name), {}),
         "docker-archive": (images.docker_image(images.docker_archive_name),

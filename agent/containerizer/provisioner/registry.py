@@ -238,8 +238,10 @@ class Registry:
         if isinstance(error, TimeoutError):
             return f"timed out after {self.timeout:g}s talking to {where}"
         message = f"cannot talk to {where}: {os_reason(error)}"
-        if isinstance(error, ssl.SSLError) and self.secure:
-            message += ("; if it serves plain HTTP, list it in --docker-insecure-registries")
+        if isinstance(error, ssl.SSLCertVerificationError):
+            message += " (this host's CA certificates do not trust it)"
+        elif isinstance(error, ssl.SSLError):
+            message += "; if it serves plain HTTP, list it in --docker-insecure-registries"
         return message
 
     # --- auth ---------------------------------------------------------------------------------
