@@ -268,3 +268,20 @@ def test_a_layer_learns_its_key_when_none_is_given(tmp_path):
 def test_collection_plans(images, sizes, kept, used, budget, want):
     """GC removes LRU unused images and unreferenced layers, never kept ones."""
     assert plan_collection(images, sizes, kept, used, budget) == want
+
+
+def test_using_an_image_is_recorded_in_memory_at_once_and_on_disk_each_minute(tmp_path):
+    """touch() updates last use in memory; the disk record only after TOUCH_INTERVAL (no
+    fsync on every launch of a cached image). A restarted store reads what is on disk."""
+    from agent.containerizer.provisioner.runtime import ImageConfig
+    from agent.containerizer.provisioner.store import TOUCH_INTERVAL, ImageRecord
+
+    now = [1000.0]
+    store = Store(str(tmp_path / "store"), clock=lambda: now[0])
+    record = store.put_image(ImageRecord("docker:x", "sha256:" + "a" * 64, (), ImageConfig()))
+    now[0] += 10
+    assert store.touch(record).last_used == 1010.0
+    assert Store(str(tmp_path / "store")).image("docker:x").last_used == 1000.0
+    now[0] += TOUCH_INTERVAL
+    store.touch(record)
+    assert Store(str(tmp_path / "store")).image("docker:x").last_used == 1070.0

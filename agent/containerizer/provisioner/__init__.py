@@ -164,7 +164,7 @@ class Provisioner:
         with self._image_locks(reference):
             record = self.store.image(reference) if cached else None
             if record is not None and self.store.acquire(record.layers):
-                return self.store.put_image(record), list(record.layers)
+                return self.store.touch(record), list(record.layers)
             resolved = source.resolve(image)
             keys = self._layers(resolved.layers)
             try:

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from typing import BinaryIO, Callable
 
 import attrs
@@ -43,6 +44,7 @@ from agent.containerizer.provisioner.runtime import ImageConfig
 
 LAYERS, BLOBS, IMAGES, CONTAINERS, TMP = "layers", "blobs", "images", "containers", "tmp"
 CONTAINER_FILE = "container.json"
+TOUCH_INTERVAL = 60.0  # seconds
 
 
 class KeyedLocks:
@@ -285,6 +287,18 @@ class Store:
             checkpoint.write_json(self._image_path(record.reference), record.to_json())
         return record
 
+    def touch(self, record: ImageRecord) -> ImageRecord:
+        """Mark an image used now. On disk only every TOUCH_INTERVAL seconds: a launch of a
+        cached image should not wait for an fsync, and GC needs no finer order than that."""
+        now = self.clock()
+        with self._lock:
+            current = self._images.get(record.reference, record)
+            if now - current.last_used < TOUCH_INTERVAL:
+                current = attrs.evolve(current, last_used=now)
+                self._images[record.reference] = current
+                return current
+        return self.put_image(current)
+
     def _image_path(self, reference: str) -> str:
         return os.path.join(self.root, IMAGES,
                             hashlib.sha256(reference.encode()).hexdigest()[:32] + ".json")
@@ -307,12 +321,16 @@ class Store:
         directory = self.container_dir(container_id)
         with self._lock:
             known = self._containers.pop(container_id, None) is not None
-            if not os.path.exists(directory):
+            trash = self._trash_name()
+            try:
+                os.rename(directory, trash)  # gone at once; removed outside the lock
+            except FileNotFoundError:
                 return known
-            trash = tempfile.mkdtemp(prefix="gc-", dir=os.path.join(self.root, TMP))
-            os.rename(directory, os.path.join(trash, "c"))
         shutil.rmtree(trash, ignore_errors=True)
         return True
+
+    def _trash_name(self) -> str:
+        return os.path.join(self.root, TMP, "gc-" + uuid.uuid4().hex)
 
     def containers(self) -> dict[str, dict]:
         with self._lock:
@@ -330,7 +348,7 @@ class Store:
         container keeps, until the layers fit in `budget` bytes: (images, layers) removed."""
         if budget is None:
             return [], []
-        trash = tempfile.mkdtemp(prefix="gc-", dir=os.path.join(self.root, TMP))
+        trash = []
         with self._lock:
             sizes = {k: self.layer_size(k) for k in self._layer_keys()}
             kept = set(self._pins)
@@ -346,9 +364,11 @@ class Store:
                 _unlink(self._image_path(reference))
             for key in layers:
                 name = layer_name(key)
-                os.rename(os.path.join(self.root, LAYERS, name), os.path.join(trash, name))
+                trash.append(self._trash_name())
+                os.rename(os.path.join(self.root, LAYERS, name), trash[-1])
                 _unlink(os.path.join(self.root, LAYERS, name + ".json"))
-        shutil.rmtree(trash, ignore_errors=True)  # outside the lock: it can take a while
+        for path in trash:  # outside the lock: it can take a while
+            shutil.rmtree(path, ignore_errors=True)
         return images, layers
 
     def _layer_keys(self) -> list[str]:
