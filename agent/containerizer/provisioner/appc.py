@@ -26,7 +26,7 @@ import attrs
 from agent.containerizer.provisioner import manifest as mf
 from agent.containerizer.provisioner import runtime
 from agent.containerizer.provisioner.errors import ImageError
-from agent.containerizer.provisioner.layers import LayerError
+from agent.containerizer.provisioner.layers import LayerError, clean_name
 from agent.containerizer.provisioner.registry import Body, USER_AGENT
 from agent.containerizer.provisioner.source import Resolved, safe_relative
 from agent.containerizer.provisioner.store import LayerSource
@@ -110,7 +110,7 @@ class AciSource:
         found: dict = {}
 
         def other(member, tar):
-            if member.name.strip("/").removeprefix("./") != "manifest" or not member.isreg():
+            if clean_name(member.name) != "manifest" or not member.isreg():
                 raise LayerError(f"{member.name!r} is at the top of the ACI: only 'manifest' "
                                  "and 'rootfs/' may be")
             if member.size > MAX_MANIFEST:
