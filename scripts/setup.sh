@@ -23,6 +23,7 @@ AGORA_APT_TEST_PACKAGES=(
     runc                         # reference OCI runtime for comparisons
     crun                         # reference OCI runtime for comparisons
     iproute2                     # `ip netns` for network tests
+    zstd                         # zstd-compressed image layers (the provisioner pipes through it)
 )
 
 AGORA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
