@@ -249,14 +249,18 @@ def restart_decision(app: dict, instances: Sequence) -> Decision:
             old.append(i)
     healthy = sum(1 for i in old if _serving(i, app, new=False)) + \
         sum(1 for i in new if _serving(i, app))
-    excess = max(0, len(old) + len(new) - n)
+    excess = max(0, len(old) - n)  # scaled down too: those old ones go at once
     budget = max(excess, healthy - min_healthy)
     order = sorted(kill_order(app, old), key=lambda i: _serving(i, app, new=False))
-    kill = tuple(i.id for i in order[:max(0, min(budget, len(old)))])
+    kill = [i.id for i in order[:max(0, min(budget, len(old)))]]
+    # An old instance that failed is rescheduled with the new configuration, so there may
+    # be more new ones than wanted: the surplus goes (those not yet launched first).
+    surplus = kill_order(app, new)[:max(0, len(new) - n)]
+    kill.extend(i.id for i in surplus)
     launch = min(max(0, n - len(new)), max(0, max_cap - len(old) - dying - len(new)))
-    done = not old and not dying and len(new) >= n and \
+    done = not old and not dying and len(new) == n and \
         sum(1 for i in new if _serving(i, app)) >= n
-    return Decision(kill, launch, done)
+    return Decision(tuple(kill), launch, done)
 
 
 def stop_decision(instances: Sequence) -> Decision:
