@@ -221,7 +221,7 @@ def scale_decision(app: dict, instances: Sequence, sentenced: Iterable[str] = ()
     sentenced = set(sentenced)
     active = [i for i in instances if i.active]
     excess = max(len(active) - n, sum(1 for i in active if i.id in sentenced), 0)
-    kill = tuple(i.id for i in kill_order(app, active, sentenced)[:excess])
+    kill = tuple(i.id for i in kill_order(app, active, sentenced)[:excess]) if excess else ()
     launch = max(0, n - (len(active) - len(kill)))
     dying = any(i.goal != inst.RUNNING and not i.terminal for i in instances)
     done = not kill and not launch and not dying and \
@@ -251,12 +251,14 @@ def restart_decision(app: dict, instances: Sequence) -> Decision:
         sum(1 for i in new if _serving(i, app))
     excess = max(0, len(old) - n)  # scaled down too: those old ones go at once
     budget = max(excess, healthy - min_healthy)
-    order = sorted(kill_order(app, old), key=lambda i: _serving(i, app, new=False))
-    kill = [i.id for i in order[:max(0, min(budget, len(old)))]]
+    kill = []
+    if budget > 0 and old:
+        order = sorted(kill_order(app, old), key=lambda i: _serving(i, app, new=False))
+        kill = [i.id for i in order[:min(budget, len(old))]]
     # An old instance that failed is rescheduled with the new configuration, so there may
     # be more new ones than wanted: the surplus goes (those not yet launched first).
-    surplus = kill_order(app, new)[:max(0, len(new) - n)]
-    kill.extend(i.id for i in surplus)
+    if len(new) > n:
+        kill.extend(i.id for i in kill_order(app, new)[:len(new) - n])
     launch = min(max(0, n - len(new)), max(0, max_cap - len(old) - dying - len(new)))
     done = not old and not dying and len(new) == n and \
         sum(1 for i in new if _serving(i, app)) >= n
