@@ -325,3 +325,74 @@ def test_versions_rollback_restart_and_deployment_cancel(cluster):
     c.scale_app("ver", instances=0, force=True)
     wait_for(lambda: settled(c, "/ver", 0), timeout=60, what="scaled to 0")
     c.delete_app("ver", force=True)
+
+
+def test_readiness_check_holds_the_deployment_until_ready(cluster):
+    """A deployment waits for its new tasks' readiness check; results show in
+    /v2/deployments; a ready check lets the next deployment finish."""
+    _, _, m = cluster
+    c = m.client
+    body = {"id": "/ready", "cmd": SERVE, "cpus": 0.1, "mem": 32, "instances": 1,
+            "portDefinitions": [{"port": 0, "name": "http"}],
+            "readinessChecks": [{"name": "probe", "portName": "http", "path": "/missing",
+                                 "intervalSeconds": 1, "timeoutSeconds": 0.5}]}
+    status, answer, _ = request(m.url + "/v2/apps", "POST", body)
+    assert status == 422  # timeoutSeconds must be a whole number below intervalSeconds
+    body["readinessChecks"][0].update(intervalSeconds=2, timeoutSeconds=1)
+    status, answer, _ = request(m.url + "/v2/apps", "POST", body)
+    assert status == 201, answer
+    deployment = answer["deployments"][0]["id"]
+
+    def results():
+        d = [d for d in c.list_deployments() if d.id == deployment]
+        actions = d[0].current_actions if d else []
+        return [r for a in actions for r in (a.readiness_check_results or [])]
+
+    found = wait_for(results, timeout=60, what="a readiness result")
+    assert found[0]["name"] == "probe" and found[0]["ready"] is False
+    assert c.get_app("ready").tasks_running == 1 and results()  # running, still not ready
+    status, answer, _ = request(m.url + "/v2/apps/ready?force=true", "PUT", {
+        "readinessChecks": [{"name": "probe", "portName": "http", "path": "/",
+                             "intervalSeconds": 2, "timeoutSeconds": 1}]})
+    assert status == 200, answer
+    wait_for(lambda: not c.list_deployments(), timeout=60, what="the ready deployment")
+    c.delete_app("ready", force=True)
+
+
+def test_event_subscription_callbacks_get_events(cluster):
+    """/v2/eventSubscriptions: a callback URL receives events as JSON POSTs."""
+    import http.server
+    import json
+    import threading
+
+    _, _, m = cluster
+    c = m.client
+    got = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/events"
+    try:
+        c.create_event_subscription(url)
+        assert c.list_event_subscriptions() == [url]
+        c.create_app("called", MarathonApp(cmd="sleep 600", cpus=0.1, mem=16, instances=1))
+        wait_for(lambda: any(e["eventType"] == "status_update_event" and
+                             e["appId"] == "/called" for e in got), timeout=60,
+                 what="a status update at the callback")
+        assert any(e["eventType"] == "api_post_event" for e in got)
+        c.delete_event_subscription(url)
+        assert c.list_event_subscriptions() == []
+        c.delete_app("called", force=True)
+    finally:
+        server.shutdown()
+        server.server_close()
