@@ -176,13 +176,6 @@ def has_readiness(app: dict) -> bool:
     return bool(app.get("readinessChecks"))
 
 
-def _serving(i, app: dict, new: bool = True) -> bool:
-    """Healthy (and ready, for new instances of an app with a readiness check)."""
-    if not i.considered_healthy(has_checks(app)):
-        return False
-    return i.ready if new and has_readiness(app) else True
-
-
 _WEIGHT = {inst.SCHEDULED: 0, inst.UNREACHABLE: 1, inst.PROVISIONED: 2, inst.STAGING: 2,
            inst.STARTING: 3, inst.RUNNING_C: 4}
 
@@ -214,18 +207,41 @@ def capacity(app: dict) -> tuple[int, int]:
     return min_healthy, max_cap
 
 
+def _serving_test(app: dict, new: bool = True):
+    """Whether an instance serves: running, healthy if the app has checks, and ready if it
+    has a readiness check (for new instances). The app is looked at once, not per instance."""
+    checks, ready = has_checks(app), new and has_readiness(app)
+    running = inst.RUNNING_C
+
+    def serving(i) -> bool:
+        return i.condition == running and (not checks or i.healthy is True) and \
+            (not ready or i.ready)
+
+    return serving
+
+
 def scale_decision(app: dict, instances: Sequence, sentenced: Iterable[str] = ()) -> Decision:
     """ScaleApplication: reach `app["instances"]` instances, killing `sentenced` ones first;
     done once that many are healthy (and ready) and every killed one is terminal."""
     n = app["instances"]
     sentenced = set(sentenced)
-    active = [i for i in instances if i.active]
-    excess = max(len(active) - n, sum(1 for i in active if i.id in sentenced), 0)
+    serving = _serving_test(app)
+    active, dying, up, doomed = [], False, 0, 0
+    # One pass over the instances: this runs after every change to a big app.
+    for i in instances:
+        if i.goal == inst.RUNNING:
+            if i.condition != inst.UNREACHABLE_INACTIVE:
+                active.append(i)
+                if serving(i):
+                    up += 1
+                if sentenced and i.id in sentenced:
+                    doomed += 1
+        elif not dying and i.condition not in inst.TERMINAL:
+            dying = True
+    excess = max(len(active) - n, doomed, 0)
     kill = tuple(i.id for i in kill_order(app, active, sentenced)[:excess]) if excess else ()
     launch = max(0, n - (len(active) - len(kill)))
-    dying = any(i.goal != inst.RUNNING and not i.terminal for i in instances)
-    done = not kill and not launch and not dying and \
-        sum(1 for i in active if _serving(i, app)) >= n
+    done = not kill and not launch and not dying and up >= n
     return Decision(kill, launch, done)
 
 
@@ -236,32 +252,35 @@ def restart_decision(app: dict, instances: Sequence) -> Decision:
     n = app["instances"]
     version = groups_mod.config_version(app)
     min_healthy, max_cap = capacity(app)
-    old, dying, new = [], 0, []
+    serving_old, serving_new = _serving_test(app, new=False), _serving_test(app)
+    old, dying, new, healthy, new_up = [], 0, [], 0, 0
     for i in instances:
         if i.goal != inst.RUNNING:
-            if not i.terminal:
+            if i.condition not in inst.TERMINAL:
                 dying += 1
         elif i.condition == inst.UNREACHABLE_INACTIVE:
             continue
         elif i.config_version == version:
             new.append(i)
+            if serving_new(i):
+                healthy += 1
+                new_up += 1
         else:
             old.append(i)
-    healthy = sum(1 for i in old if _serving(i, app, new=False)) + \
-        sum(1 for i in new if _serving(i, app))
+            if serving_old(i):
+                healthy += 1
     excess = max(0, len(old) - n)  # scaled down too: those old ones go at once
     budget = max(excess, healthy - min_healthy)
     kill = []
     if budget > 0 and old:
-        order = sorted(kill_order(app, old), key=lambda i: _serving(i, app, new=False))
+        order = sorted(kill_order(app, old), key=serving_old)
         kill = [i.id for i in order[:min(budget, len(old))]]
     # An old instance that failed is rescheduled with the new configuration, so there may
     # be more new ones than wanted: the surplus goes (those not yet launched first).
     if len(new) > n:
         kill.extend(i.id for i in kill_order(app, new)[:len(new) - n])
     launch = min(max(0, n - len(new)), max(0, max_cap - len(old) - dying - len(new)))
-    done = not old and not dying and len(new) == n and \
-        sum(1 for i in new if _serving(i, app)) >= n
+    done = not old and not dying and len(new) == n and new_up >= n
     return Decision(tuple(kill), launch, done)
 
 
