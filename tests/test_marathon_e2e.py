@@ -396,3 +396,31 @@ def test_event_subscription_callbacks_get_events(cluster):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_group_methods_of_the_client(cluster):
+    """The client's group calls: update_group (PUT back what get_group gave), scale_group,
+    rollback_group (our superset route) and delete_group."""
+    _, _, m = cluster
+    c = m.client
+    status, _, _ = request(m.url + "/v2/groups", "POST", {"id": "/g", "apps": [
+        {"id": "a", "cmd": "sleep 600", "cpus": 0.1, "mem": 16, "instances": 1}]})
+    assert status == 201
+    wait_for(lambda: settled(c, "/g/a", 1), timeout=60, what="/g/a")
+    first = c.get_group("/g").version
+    group = c.get_group("/g")
+    group.apps[0].instances = 2
+    c.update_group("/g", group)
+    wait_for(lambda: settled(c, "/g/a", 2), timeout=60, what="/g/a at 2")
+    c.scale_group("/g", 2)
+    wait_for(lambda: settled(c, "/g/a", 4), timeout=60, what="/g/a at 4")
+    c.rollback_group("/g", first)
+    wait_for(lambda: settled(c, "/g/a", 1), timeout=60, what="/g/a rolled back to 1")
+    assert "/g" in [g.id for g in c.list_groups()]
+    status, body, _ = request(m.url + "/v2/groups/g?dryRun=true", "PUT", {"apps": []})
+    assert status == 200 and body["steps"][0]["actions"][0] == {"action": "StopApplication",
+                                                                "app": "/g/a"}
+    c.delete_group("/g", force=True)
+    wait_for(lambda: "/g" not in [g.id for g in c.list_groups()], timeout=30, what="gone")
+    status, body, _ = request(m.url + "/v2/leader", "DELETE")
+    assert status == 400  # without --zk there is nobody to abdicate to

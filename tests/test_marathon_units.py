@@ -117,3 +117,44 @@ def test_store_groups_a_turns_writes_and_reads_them_back(backend):
         assert data[0]["instances"] == {"i1": {"id": "i1"}}
     with pytest.raises(ValueError):
         s.put("nonsense", "k", 1)
+
+
+def test_https_checks_do_not_verify_certificates(tmp_path):
+    """An HTTPS check talks TLS to a self-signed server and reads its status (§2.4)."""
+    import http.server
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+
+    from frameworks.marathon import health_checks
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a self-signed certificate")
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=nobody"],
+                   check=True, capture_output=True)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(204 if self.path == "/ok" else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        status = health_checks._https_get("127.0.0.1", port, "/ok", 5)[0]
+        assert health.http_ok(status, health.Check(0, "HTTPS"))
+        status = health_checks._https_get("127.0.0.1", port, "/sick", 5)[0]
+        assert not health.http_ok(status, health.Check(0, "HTTPS"))
+    finally:
+        server.shutdown()
+        server.server_close()

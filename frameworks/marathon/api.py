@@ -654,6 +654,9 @@ class API:
         if request.method == "DELETE":
             if node.core is None:
                 raise not_found("There is no leader")
+            if node.zk is None:
+                raise MarathonError(400, "This Marathon runs without --zk: there is no "
+                                         "other one to take over, so it does not abdicate")
             node.abdicate()
             return json_response({"message": "Leadership abdicated"})
         leader = node.leader_address()
