@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -40,39 +39,16 @@ from twisted.internet import defer, threads  # noqa: E402
 
 from benchmarks.emulated_agents import DEFAULT_RESOURCES, FD_HEADROOM, EmulatedAgents, \
     raise_fd_limit  # noqa: E402
-from benchmarks.master_launch import (REPO, MasterProcess, Profiler, http_request,  # noqa: E402
+from benchmarks.master_launch import (MasterProcess, Profiler, http_request,  # noqa: E402
                                       load_average, run_bench, self_cpu)
 
 
-class MarathonProcess(MasterProcess):
+def marathon_process(work_dir: str, master: tuple, args=()) -> MasterProcess:
     """`agora marathon` as a child process (CPU, RSS and stop as for the master)."""
-
-    def __init__(self, work_dir: str, master: tuple, args=(), log_level: str = "info"):
-        import subprocess
-
-        self.log_path = os.path.join(work_dir, "marathon.log")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", AGORA_LOG_LEVEL=log_level,
-                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "marathon", "--master",
-             f"{master[0]}:{master[1]}", "--port", "0", "--work-dir",
-             os.path.join(work_dir, "marathon"), *args],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self.log)
-        self.pid = self.proc.pid
-        self.port = None
-
-    def wait_banner(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
-            if not line:
-                break
-            match = re.search(r"Marathon: http://[\d.]+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                return self.port
-        raise RuntimeError(f"marathon did not start; see {self.log_path}")
+    return MasterProcess(work_dir, name="marathon", banner=r"Marathon: http://[\d.]+:(\d+)",
+                         command=["marathon", "--master", f"{master[0]}:{master[1]}",
+                                  "--port", "0", "--work-dir",
+                                  os.path.join(work_dir, "marathon"), *args])
 
 
 class Bench:
@@ -113,7 +89,7 @@ class Bench:
         t0 = time.monotonic()
         yield self.pool.start(batch=500)
         self.say(f"{args.agents} agents registered in {time.monotonic() - t0:.1f}s")
-        self.marathon = MarathonProcess(self.work_dir, address, args=[
+        self.marathon = marathon_process(self.work_dir, address, args=[
             "--store", args.store, "--max-instances-per-offer", str(args.per_offer),
             "--min-revive-offers-interval", "0.5", "--decline-offer-duration", "5"])
         yield threads.deferToThread(self.marathon.wait_banner)
@@ -231,6 +207,11 @@ class Bench:
                    scale_down_marathon_cpu_s=round(self.marathon.cpu_seconds() - cpu0, 2))
         self.say(f"scaled back to 0 in {done:.2f}s ({self.pool.running()} left at the agents)")
 
+    def figures(self) -> dict:
+        """Every figure, with the machine's state at the end."""
+        return {**self.fig, "loadavg_after": load_average(), "cpus": os.cpu_count(),
+                "python": sys.version.split()[0]}
+
     @defer.inlineCallbacks
     def stop(self):
         if self.marathon is not None:
@@ -263,10 +244,7 @@ def main(argv=None) -> int:
 
     bench = Bench(reactor, args, tempfile.mkdtemp(prefix="agora-marathon-bench-"))
     status = run_bench(reactor, bench)
-    fig = bench.fig
-    fig.update(loadavg_after=load_average(), cpus=os.cpu_count(),
-               python=sys.version.split()[0])
-    print(" ".join(f"{k}={v}" for k, v in fig.items()), flush=True)
+    print(" ".join(f"{k}={v}" for k, v in bench.figures().items()), flush=True)
     return status
 
 

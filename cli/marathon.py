@@ -19,22 +19,6 @@ COMMANDS = ("marathon", "app")
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def _zk(text: str) -> str:
     from agora import zookeeper
     try:
@@ -44,8 +28,15 @@ def _zk(text: str) -> str:
     return text
 
 
+def _numbers():
+    """cli/main's argument types (imported late: cli/main imports this module)."""
+    from cli.main import _number, _positive_float
+    return _positive_float, _number(int, lambda v: v >= 1, "a whole number >= 1")
+
+
 def scheduler_options(p: argparse.ArgumentParser) -> None:
     """The flags that tune the scheduler (also taken by `agora local`)."""
+    _positive, _count = _numbers()
     g = p.add_argument_group("scheduler (Marathon's flags, same defaults)")
     g.add_argument("--framework-name", default="marathon")
     g.add_argument("--mesos-role", default="*", help="the role to register with (default *)")
@@ -71,6 +62,7 @@ def scheduler_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
+    _positive, _ = _numbers()
     m = sub.add_parser("marathon", help="run Marathon, the app scheduler (a framework)")
     m.add_argument("--master", required=True, metavar="HOST:PORT|zk://HOST:PORT/PATH",
                    help="the Mesos master, or the ZooKeeper path masters are elected under")
