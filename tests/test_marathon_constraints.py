@@ -119,7 +119,7 @@ def test_unique_hostname_spreads_over_offers():
     for h in ("h1", "h2", "h3"):
         o = offer(h)
         pool = c.Pool(o.resources)
-        while isinstance(r := c.place(request, o, pool, placed, random.Random(0)), c.Placement):
+        while isinstance(c.place(request, o, pool, placed, random.Random(0)), c.Placement):
             placed.add(o.fields)
             hosts.append(h)
     assert hosts == ["h1", "h2", "h3"]

@@ -5,7 +5,6 @@ and `agora marathon` as processes, driven with the real marathon 0.13 client; ta
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from marathon.exceptions import MarathonHttpError, NotFoundError

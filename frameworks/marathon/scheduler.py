@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import uuid
 
+import attrs
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
@@ -30,28 +31,26 @@ from frameworks.marathon.state import State
 log = Logger()
 
 
+@attrs.define
 class Options:
     """Scheduler settings (the `agora marathon` flags), with Marathon's defaults."""
 
-    def __init__(self, **kw):
-        self.framework_name = kw.pop("framework_name", "marathon")
-        self.user = kw.pop("user", "root")
-        self.role = kw.pop("role", "*")
-        self.failover_timeout = kw.pop("failover_timeout", 604800.0)
-        self.max_instances_per_offer = kw.pop("max_instances_per_offer", 5)
-        self.decline_offer_duration = kw.pop("decline_offer_duration", 120.0)
-        self.min_revive_interval = kw.pop("min_revive_interval", 5.0)
-        self.task_launch_timeout = kw.pop("task_launch_timeout", 300.0)
-        self.task_launch_confirm_timeout = kw.pop("task_launch_confirm_timeout", 300.0)
-        self.kill_retry_timeout = kw.pop("kill_retry_timeout", 30.0)
-        self.reconciliation_initial_delay = kw.pop("reconciliation_initial_delay", 15.0)
-        self.reconciliation_interval = kw.pop("reconciliation_interval", 600.0)
-        self.scale_apps_interval = kw.pop("scale_apps_interval", 300.0)
-        self.housekeeping_interval = kw.pop("housekeeping_interval", 1.0)
-        self.hostname = kw.pop("hostname", "localhost")
-        self.webui_url = kw.pop("webui_url", "")
-        if kw:
-            raise TypeError(f"unknown scheduler options: {', '.join(sorted(kw))}")
+    framework_name: str = "marathon"
+    user: str = "root"
+    role: str = "*"
+    failover_timeout: float = 604800.0
+    max_instances_per_offer: int = 5
+    decline_offer_duration: float = 120.0
+    min_revive_interval: float = 5.0
+    task_launch_timeout: float = 300.0
+    task_launch_confirm_timeout: float = 300.0
+    kill_retry_timeout: float = 30.0
+    reconciliation_initial_delay: float = 15.0
+    reconciliation_interval: float = 600.0
+    scale_apps_interval: float = 300.0
+    housekeeping_interval: float = 1.0
+    hostname: str = "localhost"
+    webui_url: str = ""
 
 
 class Scheduler:
@@ -257,7 +256,7 @@ class Scheduler:
             for _, _, apps in launches:
                 for app_id in apps:
                     self.on_change(app_id)
-        if not any(waiting.values()) and not self._anything_waiting(now):
+        if not any(waiting.values()) and not self._anything_waiting():
             self.suppress()
 
     def _provision(self, i: Instance, app: dict, o: constraints.Offer, placement, now: float) -> dict:
@@ -298,7 +297,7 @@ class Scheduler:
         if self.driver is not None:
             self.driver.call(method, *args, on_error=on_error)
 
-    def _anything_waiting(self, now: float) -> bool:
+    def _anything_waiting(self) -> bool:
         return any(i.condition == inst.SCHEDULED and i.goal == inst.RUNNING
                    for i in self.state.instances.values())
 
@@ -319,7 +318,7 @@ class Scheduler:
 
     def _revive(self) -> None:
         self._revive_call = None
-        if not self._anything_waiting(self.now()):
+        if not self._anything_waiting():
             return
         self._last_revive = self.now()
         self.suppressed = False
@@ -516,7 +515,7 @@ class Scheduler:
             version = (app or {}).get("versionInfo", {}).get("lastConfigChangeAt")
             if backoff.expired(delay, app, version, now):
                 del self.state.delays[app_id]
-        if self.suppressed and self._anything_waiting(now):
+        if self.suppressed and self._anything_waiting():
             self.wake()
         if now - self._last_scale_check >= o.scale_apps_interval:
             self._last_scale_check = now
