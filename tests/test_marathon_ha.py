@@ -1,5 +1,6 @@
-"""Two `agora marathon --zk` processes on a real ZooKeeper: one leads, the other proxies to
-it; SIGKILL the leader and the other takes over with the same framework and its tasks."""
+"""Marathon outliving its processes: two `agora marathon --zk` on a real ZooKeeper (one
+leads, the other proxies; SIGKILL the leader and the other takes over with the same
+framework and its tasks), and a lone Marathon restarted on its SQLite store."""
 
 import pytest
 
@@ -101,3 +102,29 @@ def test_follower_redirects_events_and_serves_ping_itself(cluster):
     status, body, headers = request(second.url + "/v2/info")
     assert status == 200 and body["leader"] == first.address
     assert headers.get("X-Marathon-Leader") == f"http://{first.address}"
+
+
+def test_restarted_marathon_takes_its_apps_back_from_its_store(cluster, tmp_path):
+    """Without ZooKeeper: SIGKILL Marathon, start it again on the same work dir; it
+    re-registers as the same framework and finds its app with the same tasks."""
+    master, _ = cluster
+    first = MarathonProcess(tmp_path, master.address, name="solo")
+    try:
+        c = first.client
+        c.create_app("solo", MarathonApp(cmd="sleep 600", cpus=0.1, mem=16, instances=2))
+        before = wait_for(lambda: settled(c, "/solo", 2), timeout=60, what="2 tasks")
+        framework = c.get_info().framework_id
+    finally:
+        first.kill()
+    again = MarathonProcess(tmp_path, master.address, name="solo")
+    try:
+        c = again.client
+        info = wait_for(lambda: (i := c.get_info()) and i.framework_id and i, timeout=30,
+                        what="re-registration")
+        assert info.framework_id == framework
+        after = wait_for(lambda: settled(c, "/solo", 2), timeout=30, what="the app back")
+        assert {t.id for t in after.tasks} == {t.id for t in before.tasks}
+        c.delete_app("solo", force=True)
+        wait_for(lambda: not c.list_apps(), timeout=30, what="deleted")
+    finally:
+        again.stop()

@@ -213,7 +213,8 @@ class Scheduler:
                 o = constraints.Offer.from_mesos(offer)
             except (KeyError, ValueError) as e:
                 log.warn("Declining an offer we cannot read: {e}", e=e)
-                declines.append(offer.get("id"))
+                declines.append(((offer.get("id") or {}) if isinstance(offer, dict) else {})
+                                .get("value"))
                 continue
             pool = constraints.Pool(o.resources)
             tasks, used_by = [], set()
