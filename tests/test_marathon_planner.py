@@ -133,6 +133,17 @@ def test_scale_down_kills_youngest_first_or_oldest():
     assert d.kill == ("web.instance-0",)
 
 
+def test_group_by_scale_down_takes_from_the_biggest_group():
+    """GROUP_BY rebalances when scaling down: victims come from the biggest group first."""
+    instances = running(6)
+    for i, rack in zip(instances, ["r1", "r1", "r1", "r1", "r2", "r3"]):
+        i.attributes = {"rack": rack}
+    a = app(instances=3, constraints=[["rack", "GROUP_BY"]])
+    d = planner.scale_decision(a, instances)
+    left = [i.attributes["rack"] for i in instances if i.id not in d.kill]
+    assert sorted(left) == ["r1", "r2", "r3"]
+
+
 def test_scale_is_done_only_when_healthy_and_killed_ones_are_gone():
     """Done means the count is reached, all healthy, and every killed instance terminal."""
     a = app(instances=2, healthChecks=[{"protocol": "TCP"}])

@@ -183,7 +183,8 @@ _WEIGHT = {inst.SCHEDULED: 0, inst.UNREACHABLE: 1, inst.PROVISIONED: 2, inst.STA
 def kill_order(app: dict, candidates: Iterable, sentenced: Iterable[str] = ()) -> list:
     """Instances in the order Marathon kills them: sentenced ones first, then by condition
     (Scheduled < Unreachable < Staging < Starting < Running), the youngest (or, with
-    killSelection OLDEST_FIRST, the oldest) first within a condition."""
+    killSelection OLDEST_FIRST, the oldest) first within a condition; with GROUP_BY, from
+    the biggest group first."""
     sentenced = set(sentenced)
     youngest = app.get("killSelection", "YOUNGEST_FIRST") == "YOUNGEST_FIRST"
 
@@ -193,7 +194,25 @@ def kill_order(app: dict, candidates: Iterable, sentenced: Iterable[str] = ()) -
         return (i.id not in sentenced, _WEIGHT.get(i.condition, 5),
                 -when if youngest else when, i.id)
 
-    return sorted(candidates, key=key)
+    ordered = sorted(candidates, key=key)
+    fields = [c[0] for c in app.get("constraints") or () if c[1] == "GROUP_BY"]
+    if not fields:
+        return ordered
+    # GROUP_BY rebalances as it scales down (§3.2): after the sentenced ones, always take
+    # the next victim from the group (of the first GROUP_BY field) with the most instances.
+    field = fields[0]
+    first = [i for i in ordered if i.id in sentenced]
+    groups: dict = {}
+    for i in ordered:
+        if i.id not in sentenced:
+            groups.setdefault(i.attributes.get(field), []).append(i)
+    rest = []
+    while groups:
+        value = max(groups, key=lambda v: (len(groups[v]), str(v)))
+        rest.append(groups[value].pop(0))
+        if not groups[value]:
+            del groups[value]
+    return first + rest
 
 
 def capacity(app: dict) -> tuple[int, int]:
