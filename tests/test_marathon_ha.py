@@ -128,3 +128,21 @@ def test_restarted_marathon_takes_its_apps_back_from_its_store(cluster, tmp_path
         wait_for(lambda: not c.list_apps(), timeout=30, what="deleted")
     finally:
         again.stop()
+
+
+def test_marathon_finds_the_master_through_zookeeper(tmp_path, zk_server):  # noqa: F811
+    """`agora marathon --master zk://...` follows the elected master, as pymesos does."""
+    url = f"zk://{zk_server.address}/mesos-{tmp_path.name}"
+    master = MasterProcess(tmp_path, ["--zk", url, "--zk-session-timeout", "3"])
+    agent = AgentProcess(tmp_path, url, args=["--resources", "cpus:2;mem:1024;disk:1024"])
+    m = None
+    try:
+        m = MarathonProcess(tmp_path, url, name="zk-master")
+        c = m.client
+        c.create_app("found", MarathonApp(cmd="sleep 600", cpus=0.1, mem=16, instances=1))
+        wait_for(lambda: settled(c, "/found", 1), timeout=60, what="a task via zk://")
+        assert c.get_info().marathon_config.master == url
+    finally:
+        for p in ([m] if m else []) + [agent, master]:
+            p.stop()
+    wait_for(lambda: not processes_with(str(tmp_path)), timeout=20, what="tasks gone")
