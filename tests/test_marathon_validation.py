@@ -204,3 +204,16 @@ def test_events_parse_in_the_clients_event_factory():
     assert events.frame(built[0]).startswith(b"event: api_post_event\ndata: {")
     assert not events.wanted("scheduler_registered_event", frozenset())
     assert events.wanted("scheduler_registered_event", frozenset({"scheduler_registered_event"}))
+
+
+def test_label_selectors():
+    """GET /v2/apps?label=...: k, k==v, k!=v, k in (a,b), k notin (a,b), comma = and."""
+    from frameworks.marathon.api import _label_selector
+    labels = {"team": "web", "tier": "front", "odd": "a,b"}
+    assert _label_selector("team")(labels)
+    assert _label_selector("team==web,tier!=back")(labels)
+    assert not _label_selector("team==web,tier==back")(labels)
+    assert _label_selector("tier in (front, back)")(labels)
+    assert not _label_selector("tier notin (front,back)")(labels)
+    assert _label_selector("missing notin (x)")(labels)
+    assert _label_selector(r"odd==a\,b")(labels)

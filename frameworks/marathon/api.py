@@ -817,17 +817,19 @@ def _label_selector(text: str):
 
 
 def _split_unescaped(text: str, sep: str) -> list[str]:
-    out, cur, escaped = [], [], False
+    """`text` split at `sep`, except where escaped with a backslash or inside parentheses."""
+    out, cur, escaped, depth = [], [], False, 0
     for ch in text:
         if escaped:
             cur.append(ch)
             escaped = False
         elif ch == "\\":
             escaped = True
-        elif ch == sep:
+        elif ch == sep and depth == 0:
             out.append("".join(cur))
             cur = []
         else:
+            depth += (ch == "(") - (ch == ")")
             cur.append(ch)
     out.append("".join(cur))
     return out
