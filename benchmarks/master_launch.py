@@ -66,16 +66,25 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class MasterProcess:
-    """`agora master` as a child process; its stderr goes to a log file."""
+    """`agora master` as a child process; its stderr goes to a log file.
 
-    def __init__(self, work_dir: str, port: int = 0, args=(), log_level: str = "info"):
-        self.log_path = os.path.join(work_dir, "master.log")
+    `command` runs another `agora` command instead (`name` for its log, `banner` the
+    pattern of its "listening" line, whose group is the port): the Marathon benchmark's.
+    """
+
+    def __init__(self, work_dir: str, port: int = 0, args=(), log_level: str = "info",
+                 command: list | None = None, name: str = "master",
+                 banner: str = r"Master: http://[\d.]+:(\d+)"):
+        self.log_path = os.path.join(work_dir, f"{name}.log")
+        self.name, self.banner = name, banner
         env = dict(os.environ, PYTHONUNBUFFERED="1", AGORA_LOG_LEVEL=log_level,
                    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = open(self.log_path, "ab")
+        command = command or ["master", "--port", str(port), "--work-dir",
+                              os.path.join(work_dir, "master"), "--registry", "in_memory",
+                              *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "master", "--port", str(port), "--work-dir",
-             os.path.join(work_dir, "master"), "--registry", "in_memory", *args],
+            [sys.executable, "-m", "cli.main", *command],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self.log)
         self.pid = self.proc.pid
         self.port = None
@@ -87,11 +96,11 @@ class MasterProcess:
             line = self.proc.stdout.readline().decode()
             if not line:
                 break
-            match = re.search(r"Master: http://[\d.]+:(\d+)", line)
+            match = re.search(self.banner, line)
             if match:
                 self.port = int(match.group(1))
                 return self.port
-        raise RuntimeError(f"the master did not start; see {self.log_path}")
+        raise RuntimeError(f"the {self.name} did not start; see {self.log_path}")
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the master so far (from /proc/<pid>/stat)."""

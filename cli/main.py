@@ -1,4 +1,5 @@
-"""The `agora` command: `agora master`, `agora agent`, `agora local`."""
+"""The `agora` command: `agora master`, `agora agent`, `agora local`, `agora marathon`,
+`agora app why`."""
 
 import argparse
 import os
@@ -6,6 +7,7 @@ import sys
 import tempfile
 
 from agora.resources import Resources
+from cli import marathon as marathon_cli
 
 
 def _master(text: str):
@@ -197,11 +199,15 @@ def parser() -> argparse.ArgumentParser:
     loc.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-local"))
     _master_options(loc)
     _agent_options(loc)
+    marathon_cli.local_options(loc)
+    marathon_cli.add_parsers(sub)
     return top
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.command in marathon_cli.COMMANDS:
+        return marathon_cli.main(args)
     from twisted.internet import reactor
 
     from cli.run import run_agent, run_local, run_master, setup_logging

@@ -185,6 +185,12 @@ def run_local(reactor, args) -> int:
             return defer.DeferredList([a.stop() for a in agents])
 
     services.append(_Agents())
+    marathon = None
+    if args.marathon:
+        from cli.marathon import LocalMarathon
+        marathon = LocalMarathon.if_installed(reactor, args, lambda: master.port)
+        if marathon is not None:
+            services.append(marathon)
 
     def banner():
         print(f"Agora local cluster ({len(agents)} agents), work dir {args.work_dir}", flush=True)
@@ -192,6 +198,8 @@ def run_local(reactor, args) -> int:
               flush=True)
         for i, a in enumerate(agents):
             print(f"  agent{i}: http://{args.ip}:{a.port}", flush=True)
+        if marathon is not None:
+            print(f"  marathon: http://{args.ip}:{marathon.port}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
 
     return _serve(reactor, services, banner)

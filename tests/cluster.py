@@ -104,12 +104,13 @@ class Process:
 
 
 class LocalCluster(Process):
-    """`agora local` with N agents on free ports."""
+    """`agora local` with N agents on free ports (and its Marathon, with `marathon=True`)."""
 
-    def __init__(self, tmp_path, agents: int = 1, args=()):
+    def __init__(self, tmp_path, agents: int = 1, args=(), marathon: bool = False):
         self.work_dir = str(tmp_path / "local")
         super().__init__(["local", "--port", "0", "--agents", str(agents), "--work-dir",
-                          self.work_dir, "--allocation-interval", "0.2", *args],
+                          self.work_dir, "--allocation-interval", "0.2",
+                          *(() if marathon else ("--no-marathon",)), *args],
                          str(tmp_path / "local.log"), r"master: http://([\d.]+):(\d+)")
         self.host, self.port = self.match.group(1), int(self.match.group(2))
         self.address = f"{self.host}:{self.port}"
