@@ -6,12 +6,13 @@ import uuid
 from pymesos import MesosSchedulerDriver, Scheduler
 
 
-def command_task(offer, name: str, command: str, cpus: float = 0.1, mem: float = 32,
+def command_task(offer, name: str, value: str, cpus: float = 0.1, mem: float = 32,
                  **extra) -> dict:
+    """A TaskInfo running shell command `value`; `extra` fields (even `command`) win."""
     return {
         "task_id": {"value": name}, "agent_id": offer["agent_id"], "name": name,
         # The marker in the environment lets tests find the task's processes.
-        "command": {"value": command, "environment": {"variables": [
+        "command": {"value": value, "environment": {"variables": [
             {"name": "AGORA_TEST_MARKER", "value": name}]}},
         "resources": [{"name": "cpus", "type": "SCALAR", "scalar": {"value": cpus}},
                       {"name": "mem", "type": "SCALAR", "scalar": {"value": mem}}],
@@ -28,7 +29,7 @@ class Recorder(Scheduler):
 
     def __init__(self, commands=(), cpus: float = 0.1, mem: float = 32, refuse: float = 1.0,
                  hold: bool = False):
-        self.pending = list(commands)  # (name, command)
+        self.pending = list(commands)  # (name, command[, TaskInfo fields])
         self.hold = hold  # keep unused offers instead of declining them
         self.cpus, self.mem, self.refuse = cpus, mem, refuse
         self.lock = threading.Lock()
@@ -57,9 +58,10 @@ class Recorder(Scheduler):
                 tasks = []
                 cpus, mem = scalar(offer, "cpus"), scalar(offer, "mem")
                 while self.pending and cpus >= self.cpus - 1e-9 and mem >= self.mem - 1e-9:
-                    name, command = self.pending.pop(0)
+                    # (name, command) or (name, command, TaskInfo fields of its own)
+                    name, command, *extra = self.pending.pop(0)
                     tasks.append(command_task(offer, name, command, self.cpus, self.mem,
-                                              **self.launch_extra))
+                                              **{**self.launch_extra, **(extra or [{}])[0]}))
                     cpus -= self.cpus
                     mem -= self.mem
             if tasks:

@@ -148,7 +148,8 @@ def test_custom_pymesos_executor_runs_tasks_messages_and_shuts_down(cluster, tmp
         pids = {decode_data(u["data"]).decode() for t in (one, two) for u in statuses(sched, t)}
         assert len(pids) == 1, f"the second task did not reuse the executor: {pids}"
         pid = int(pids.pop())
-        assert pid in {own_pid(p) for p in processes_with(eid)}  # (it may have a PID ns)
+        # The pid it sees for itself (in a container, its own PID namespace's).
+        [host_pid] = [p for p in processes_with(eid) if own_pid(p) == pid]
         finished = statuses(sched, two)[-1]
         assert finished["executor_id"] == {"value": eid}
         assert finished["agent_id"] == first["agent_id"]
@@ -169,7 +170,7 @@ def test_custom_pymesos_executor_runs_tasks_messages_and_shuts_down(cluster, tmp
         assert lost == [("executor", {"value": eid}, first["agent_id"], lost[0][3])]
         assert isinstance(lost[0][3], int)
         wait_for(lambda: not processes_with(eid), what="the executor process to be gone")
-        assert not os.path.exists(f"/proc/{pid}")
+        assert not os.path.exists(f"/proc/{host_pid}")
         assert not sched.errors
     finally:
         stop(driver)

@@ -608,7 +608,11 @@ class CommandExecutor:
         self.update(task, "TASK_STARTING")
         command = task.info.get("command") or {}
         try:
-            argv, program = command_argv(command)
+            spec = self.container_spec(task)
+            if spec is not None and spec.get("argv") is not None:  # the image says what runs
+                argv, program = spec["argv"], None
+            else:
+                argv, program = command_argv(command)
             env = task_environment(self.env, command, task_variables(task.info))
             as_user, user = {}, None
             if self.switch_user:
@@ -624,7 +628,6 @@ class CommandExecutor:
                     return
                 env.update(login)
                 env.update(environment_variables(command))  # the command's own still win
-            spec = self.container_spec(task)
             if spec is not None:
                 proc = self.start_contained(task, spec, argv, program, env, as_user)
                 threading.Thread(target=self.wait_contained, args=(task.task_id, proc),

@@ -19,6 +19,7 @@ from typing import Callable
 import attrs
 
 from agent.containerizer.provisioner import appc, backends, docker, oci
+from agent.containerizer.provisioner import manifest as mf
 from agent.containerizer.provisioner.errors import ImageError
 from agent.containerizer.provisioner.runtime import ImageConfig
 from agent.containerizer.provisioner.store import ImageRecord, KeyedLocks, Store
@@ -64,13 +65,16 @@ class Provisioner:
         self.budget = image_gc_budget
         self.progress = progress
         registry = docker_registry or docker.DEFAULT_REGISTRY_URL
+        # A directory of archives serves the names without a registry host (Mesos's local
+        # puller); a name that names its registry is always pulled from that registry.
+        self.docker_archives = None
         if "://" not in registry:
-            self.docker = docker.ArchiveSource(registry)
-        else:
-            self.docker = docker.RegistrySource(
-                self.store, default_registry=registry,
-                insecure_registries=_split(docker_insecure_registries),
-                credentials=docker_credentials, timeout=registry_timeout)
+            self.docker_archives = docker.ArchiveSource(registry)
+            registry = docker.DEFAULT_REGISTRY_URL
+        self.docker = docker.RegistrySource(
+            self.store, default_registry=registry,
+            insecure_registries=_split(docker_insecure_registries),
+            credentials=docker_credentials, timeout=registry_timeout)
         self.oci = oci.LayoutSource(oci_image_dir, self.store) if oci_image_dir else None
         self.appc = None
         if appc_store_dir or appc_simple_discovery_uri_prefix:
@@ -146,6 +150,13 @@ class Provisioner:
     def _source(self, image: dict):
         kind = image.get("type") if isinstance(image, dict) else None
         if kind == "DOCKER":
+            if self.docker_archives is not None:
+                try:
+                    named = mf.parse_reference(docker.docker_name(image)).registry
+                except ValueError as e:
+                    raise ImageError(str(e)) from None
+                if named is None:
+                    return self.docker_archives
             return self.docker
         if kind == "OCI":
             if self.oci is None:
