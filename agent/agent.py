@@ -632,8 +632,16 @@ class Agent:
         except (OSError, ValueError) as e:
             self._launch_failed(fw, executor, f"Failed to launch the container: {e}")
             return
+        before_exec = None
+        if fw.checkpoint:
+            def before_exec(pid):  # the run's pid is durable before the executor runs
+                self._checkpoint(checkpoint.meta_run_dir,
+                                 (fw.framework_id, executor.executor_id, executor.container_id),
+                                 checkpoint.RUN_FILE,
+                                 {"pid": pid, "directory": directory,
+                                  "start_ticks": checkpoint.process_start_ticks(pid)})
         d = self.containerizer.launch(config, spec, builtin=executor.kind != st.CUSTOM,
-                                      tasks=tasks)
+                                      tasks=tasks, before_exec=before_exec)
         d.addCallbacks(lambda container: self._container_started(fw, executor, container),
                        lambda failure: self._container_failed(fw, executor, failure))
 
@@ -645,12 +653,6 @@ class Agent:
             return
         directory = executor.directory
         executor.container = container
-        if fw.checkpoint:
-            self._checkpoint(checkpoint.meta_run_dir, (fw.framework_id, executor.executor_id,
-                                                       executor.container_id),
-                             checkpoint.RUN_FILE,
-                             {"pid": container.pid, "directory": directory,
-                              "start_ticks": checkpoint.process_start_ticks(container.pid)})
         log.info("Launched executor {eid} of framework {fid} (pid {pid}) in {dir}",
                  eid=executor.executor_id, fid=fw.framework_id, pid=container.pid, dir=directory)
         container.exited.addCallback(

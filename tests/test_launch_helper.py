@@ -70,6 +70,15 @@ class Helper:
         self.proc = proc
         self.tmp = tmp_path
         self.client = wire.Client(wire.address(runtime))
+        self.pidfds: list[int] = []  # killed at the end, should a test fail midway
+
+    def launch(self, cid: str, spec: dict, fds: list[int]) -> int:
+        pid = self.client.launch(cid, spec, fds)
+        try:
+            self.pidfds.append(os.pidfd_open(pid))  # (never a reused pid's process)
+        except OSError:
+            pass  # gone already
+        return pid
 
     def run(self, spec: dict, timeout: float = 10.0) -> tuple[int, str]:
         """Launch, wait for the exit; (wait status, what it printed)."""
@@ -77,7 +86,7 @@ class Helper:
         out = self.tmp / f"{cid}.out"
         fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            self.client.launch(cid, spec, [fd, fd])
+            self.launch(cid, spec, [fd, fd])
         finally:
             os.close(fd)
         status = self.wait(cid, timeout)
@@ -91,6 +100,12 @@ class Helper:
                     return message["status"]
 
     def close(self) -> None:
+        for fd in self.pidfds:
+            try:  # a PID namespace's init takes the whole container with it
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            os.close(fd)
         try:
             self.client.send({"op": "exit"})
         except OSError:
@@ -168,7 +183,7 @@ def test_the_init_passes_sigterm_on_and_reports_the_tasks_status(helper, rootfs,
     fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o644)
     script = "trap 'echo got TERM; exit 7' TERM; echo ready; while true; do sleep 0.05; done"
     try:
-        pid = helper.client.launch(cid, contained(rootfs, tmp_path, ["/bin/sh", "-c", script]),
+        pid = helper.launch(cid, contained(rootfs, tmp_path, ["/bin/sh", "-c", script]),
                                    [fd, fd])
     finally:
         os.close(fd)
@@ -186,7 +201,7 @@ def test_sigkill_of_the_init_ends_everything_in_the_namespace(helper, rootfs, tm
     fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o644)
     script = "sleep 1000 & sleep 1000 & echo started; wait"
     try:
-        pid = helper.client.launch(cid, contained(rootfs, tmp_path, ["/bin/sh", "-c", script]),
+        pid = helper.launch(cid, contained(rootfs, tmp_path, ["/bin/sh", "-c", script]),
                                    [fd, fd])
     finally:
         os.close(fd)

@@ -179,13 +179,18 @@ class Containerizer:
     # --- launching -----------------------------------------------------------------------
 
     def launch(self, config: ContainerConfig, process: LaunchSpec, *, builtin: bool,
-               tasks: list[TaskProcess] = ()) -> Deferred:
+               tasks: list[TaskProcess] = (), before_exec=None) -> Deferred:
         """Start the container of `config` running `process` (our executor when `builtin`,
         with `tasks` to prepare specs for); fires with the launcher's Container, or fails
-        with ContainerError (everything prepared is cleaned up first)."""
+        with ContainerError (everything prepared is cleaned up first). `before_exec(pid)`
+        runs once the first process exists and before it execs (e.g. to checkpoint its pid:
+        an agent that dies at any moment then knows every container it started)."""
         if not self.linux:
-            return maybeDeferred(self._launch_posix, config, process, builtin, tasks)
-        d = self._launch_linux(config, process, builtin, list(tasks))
+            d = maybeDeferred(self._launch_posix, config, process, builtin, tasks)
+            if before_exec is not None:
+                d.addCallback(lambda container: (before_exec(container.pid), container)[1])
+            return d
+        d = self._launch_linux(config, process, builtin, list(tasks), before_exec)
 
         def failed(failure):
             cleanup = self.cleanup(config.container_id)
@@ -208,7 +213,7 @@ class Containerizer:
 
     @inlineCallbacks
     def _launch_linux(self, config: ContainerConfig, process: LaunchSpec, builtin: bool,
-                      tasks: list[TaskProcess]):
+                      tasks: list[TaskProcess], before_exec):
         cid = config.container_id
         os.makedirs(os.path.join(self.container_dir(cid), "tasks"), mode=0o700, exist_ok=True)
         info = LaunchInfo()
@@ -236,8 +241,15 @@ class Containerizer:
                                                 config.executor_info.get("command") or {},
                                                 {**process.env, **info.env},
                                                 config.user, process.cwd))
-        container = yield self.launcher.launch(cid, spec, before_exec=self._isolate
-                                               if self._has_isolate else None)
+        hook = None
+        if self._has_isolate or before_exec is not None:
+            @inlineCallbacks
+            def hook(container_id, pid):
+                if before_exec is not None:
+                    yield maybeDeferred(before_exec, pid)
+                if self._has_isolate:
+                    yield self._isolate(container_id, pid)
+        container = yield self.launcher.launch(cid, spec, before_exec=hook)
         self._watch(cid)
         return container
 

@@ -262,6 +262,22 @@ def become(spec: dict, stdio: list[int], report_fd: int, go_fd: int | None,
 
 def _init(spec: dict, report_fd: int) -> None:
     """PID 1 of the container: start the task, forward signals, reap, exit with its status."""
+    # Handlers first: a signal to PID 1 without a handler is dropped by the kernel, and one
+    # may come as soon as the launcher hears we run. What comes before the fork is kept.
+    task = 0
+    early: list[int] = []
+
+    def forward(sig, _frame):
+        if not task:
+            early.append(sig)
+            return
+        try:
+            os.killpg(task, sig)
+        except OSError:
+            pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     task = os.fork()
     if task == 0:
@@ -287,15 +303,8 @@ def _init(spec: dict, report_fd: int) -> None:
         _report(report_fd, message)
         os._exit(127)
     _report(report_fd, "R")
-
-    def forward(sig, _frame):
-        try:
-            os.killpg(task, sig)
-        except OSError:
-            pass
-
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
+    for sig in early:
+        forward(sig, None)
     while True:
         try:
             pid, status = os.wait()
