@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import uuid
 
@@ -13,6 +14,8 @@ import pytest
 from agent_harness import agent_reactor, make_cluster, wait_for  # noqa: F401  (fixtures)
 
 from agora import protocol
+from tests.cluster import REPO
+from tests.images import busybox_images  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the linux launcher needs root")
 
@@ -200,3 +203,120 @@ def test_a_bad_volume_fails_the_launch_and_leaves_nothing(linux):
     assert status["reason"] == "REASON_CONTAINER_LAUNCH_FAILED"
     assert "leaves the sandbox" in status["message"]
     wait_for(lambda: not container_dirs(linux), what="the container to be cleaned up")
+
+
+# --- images on the agent, groups, custom executors ---------------------------------------
+
+
+@pytest.fixture
+def imaging(make_cluster, busybox_images, tmp_path):  # noqa: F811
+    """An agent with images from `docker save` archives, devices, pids and disk isolation."""
+    c = make_cluster(
+        launcher="linux", executor_registration_timeout=2.0,
+        isolation=ISOLATION + ",cgroups/devices,disk/du",
+        container_flags={"docker_registry": busybox_images.docker_archive_dir,
+                         "cgroups_pids_limit": 32, "enforce_container_disk_quota": True,
+                         "container_disk_watch_interval": 0.2})
+    c.wait_registered()
+    c.images = busybox_images
+    return c
+
+
+def in_image(images) -> dict:
+    return {"type": "MESOS", "mesos": {"image": images.docker_image(
+        images.docker_archive_name)}}
+
+
+def test_each_task_of_a_group_gets_its_own_image_or_none(imaging):
+    """A task group: one task in the image, one on the host; they share the sandbox."""
+    executor = {"executor_id": {"value": "grp"}, "type": "DEFAULT",
+                "framework_id": {"value": "fw-1"}}
+    tasks = [{"name": "boxed", "task_id": {"value": "boxed"}, "agent_id": {"value": "fake-S0"},
+              "resources": [cpus(0.1), mem(32)], "container": in_image(imaging.images),
+              "command": {"value": "cat /etc/agora-image > /mnt/mesos/sandbox/boxed.out"}},
+             {"name": "host", "task_id": {"value": "host"}, "agent_id": {"value": "fake-S0"},
+              "resources": [cpus(0.1), mem(32)],
+              "command": {"value": "test -e /etc/agora-image || echo host > host.out"}}]
+    imaging.send(protocol.RunTaskGroup(framework=imaging.framework(), executor=executor,
+                                       task_group={"tasks": tasks}))
+    imaging.wait_state("boxed", "TASK_FINISHED")
+    imaging.wait_state("host", "TASK_FINISHED")
+    assert imaging.read_sandbox("grp", "boxed.out") == "busybox\n"
+    assert imaging.read_sandbox("grp", "host.out") == "host\n"
+
+
+def test_a_custom_executor_with_an_image_runs_inside_it(imaging):
+    """An ExecutorInfo's image is the executor's own root filesystem; one that never
+    subscribes is killed after the registration timeout and cleaned up."""
+    executor = {"executor_id": {"value": "boxex"}, "framework_id": {"value": "fw-1"},
+                "container": in_image(imaging.images),
+                "command": {"value": "cat /etc/agora-image > $MESOS_SANDBOX/seen; sleep 100"}}
+    imaging.run_task("viaexec", None, executor=executor)
+    status = imaging.wait_state("viaexec", "TASK_FAILED")
+    assert status["reason"] == "REASON_EXECUTOR_REGISTRATION_TIMEOUT"
+    assert imaging.read_sandbox("boxex", "seen") == "busybox\n"
+    wait_for(lambda: not container_dirs(imaging), what="the container to be cleaned up")
+
+
+def test_devices_outside_the_whitelist_are_refused(imaging):
+    """cgroups/devices: /dev/null works, a disk's block device cannot be opened."""
+    imaging.run_task("dev", "mknod /tmp/disk b 8 0; echo x > /dev/null && echo null-ok; "
+                            "head -c 1 /tmp/disk 2>&1 || true",
+                     resources=[cpus(0.1), mem(64)], container=in_image(imaging.images))
+    imaging.wait_state("dev", "TASK_FINISHED")
+    out = imaging.read_sandbox("dev")
+    assert "null-ok" in out and "Operation not permitted" in out, out
+
+
+def test_the_pids_limit_stops_a_fork_storm(imaging):
+    """cgroups/pids with --cgroups-pids-limit 32: 100 sleepers cannot all start (the shell
+    fails to fork and gives up)."""
+    imaging.run_task("forks", "for i in $(seq 100); do sleep 5 & done; wait",
+                     resources=[cpus(0.1), mem(64)], container=in_image(imaging.images))
+    imaging.wait_state("forks", "TASK_FAILED", timeout=30)
+    assert "can't fork" in imaging.read_sandbox("forks", "stderr")
+
+
+def test_rlimits_from_the_container_info_apply(imaging):
+    """posix/rlimits: RLMT_NOFILE reaches the task."""
+    container = dict(in_image(imaging.images), rlimit_info={"rlimits": [
+        {"type": "RLMT_NOFILE", "soft": 200, "hard": 300}]})
+    imaging.run_task("rl", "ulimit -n; ulimit -H -n", resources=[cpus(0.1), mem(64)],
+                     container=container)
+    imaging.wait_state("rl", "TASK_FINISHED")
+    assert imaging.read_sandbox("rl").split() == ["200", "300"]
+
+
+def test_a_task_past_its_disk_quota_fails_with_the_disk_reason(imaging):
+    """disk/du with enforcement: 3 MB written against disk:1 is
+    REASON_CONTAINER_LIMITATION_DISK."""
+    imaging.run_task("du", "dd if=/dev/zero of=/mnt/mesos/sandbox/big bs=1M count=3; sleep 30",
+                     resources=[cpus(0.1), mem(64), {"name": "disk", "type": "SCALAR",
+                                                     "scalar": {"value": 1}}],
+                     container=in_image(imaging.images))
+    status = imaging.wait_state("du", "TASK_FAILED", timeout=20)
+    assert status["reason"] == "REASON_CONTAINER_LIMITATION_DISK"
+    wait_for(lambda: not container_dirs(imaging), what="the container to be cleaned up")
+
+
+def test_a_third_party_isolator_is_found_through_its_entry_point(make_cluster, tmp_path,
+                                                                monkeypatch):
+    """examples/custom_isolator.py installed as a distribution with an `agora.isolators`
+    entry point: --isolation names it, its env reaches the task, its hooks run."""
+    site = tmp_path / "site"
+    dist = site / "agora_stamp-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: agora-stamp\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[agora.isolators]\nexample/stamp = custom_isolator:StampIsolator\n")
+    shutil.copy(os.path.join(REPO, "examples", "custom_isolator.py"), site)
+    monkeypatch.syspath_prepend(str(site))
+    c = make_cluster(launcher="linux", isolation="filesystem/linux,example/stamp",
+                     container_flags={"image_providers": ""})
+    c.run_task("stamped", "echo $AGORA_STAMP", resources=[cpus(0.1), mem(32)])
+    c.wait_state("stamped", "TASK_FINISHED")
+    cid = c.read_sandbox("stamped").strip()
+    journal = os.path.join(c.agent.containerizer.runtime_dir, "stamp.journal")
+    wait_for(lambda: f"cleanup {cid}" in open(journal).read(), what="the cleanup hook")
+    lines = open(journal).read().splitlines()
+    assert lines[0] == "recover" and lines[1].startswith(f"prepare {cid} cpus:0.2")
