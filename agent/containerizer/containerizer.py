@@ -231,6 +231,8 @@ class Containerizer:
                 "cgroups": list(info.cgroups)}
         if builtin:
             yield self.add_tasks(config, tasks)
+            # Our executor runs in the helper's fork itself: no interpreter start-up.
+            spec["builtin"] = "command-executor"
             spec["env"][CONTAINER_DIR_VARIABLE] = self.container_dir(cid)
             spec["env"][LAUNCHER_VARIABLE] = "@" + self.launcher.address[1:]
         else:

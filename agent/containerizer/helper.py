@@ -397,6 +397,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 3
         raise
+    for module, _ in spawn.BUILTINS.values():
+        __import__(module)  # once here, not in every fork that runs it
     print(f"launch helper {os.getpid()} ready", flush=True)
     gc.freeze()  # forked children must not copy what start-up built on their first collection
     return helper.run()

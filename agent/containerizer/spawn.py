@@ -20,14 +20,19 @@ exit from waitpid. Standard library only: this runs in a forked copy of the help
 
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import signal
 import stat
+import sys
+import traceback
 
 from agent.containerizer import syscalls as sc
 
 SANDBOX_TARGET = "/mnt/mesos/sandbox"
+#: Programs a spec may run in the forked process itself (`builtin`): name -> (module, function).
+BUILTINS = {"command-executor": ("agent.executors.command", "main")}
 #: Host device nodes bound into a container's /dev (no mknod needed, whatever the devices
 #: cgroup says about creating nodes).
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -191,8 +196,13 @@ def prepare_namespaces(spec: dict) -> None:
         sc.sethostname(spec["hostname"])
 
 
-def finish_and_exec(spec: dict) -> None:
-    """rlimits, working directory, user, then exec; raises on failure (never returns)."""
+def finish_and_exec(spec: dict, started_fd: int) -> None:
+    """rlimits, working directory, user, then exec; raises on failure (never returns).
+
+    A spec with `builtin` (our own executor) runs that program in this very process instead
+    of exec'ing a new interpreter: it is already one, forked from the helper with our code
+    imported, which saves the ~40 ms an interpreter takes to start. `started_fd` (the
+    report pipe, closed by a successful exec) is then closed by hand."""
     for name, soft, hard in spec.get("rlimits") or ():
         which = getattr(resource, f"RLIMIT_{name}", None)
         if which is None:
@@ -211,6 +221,8 @@ def finish_and_exec(spec: dict) -> None:
         os.setgid(user["gid"])
         os.setuid(user["uid"])
     env = spec.get("env") or {}
+    if spec.get("builtin"):
+        _run_builtin(spec["builtin"], env, started_fd)
     argv = spec["argv"]
     program = spec.get("program") or argv[0]
     try:
@@ -219,6 +231,31 @@ def finish_and_exec(spec: dict) -> None:
         os.execvpe(program, argv, env)
     except OSError as e:
         raise SetupError(f"cannot run {program!r}: {e.strerror}") from None
+
+
+def _run_builtin(name: str, env: dict, started_fd: int) -> None:
+    """Run one of BUILTINS as this process, then exit with its status (never returns)."""
+    if name not in BUILTINS:
+        raise SetupError(f"unknown builtin program {name!r}")
+    module, function = BUILTINS[name]
+    os.environ.clear()
+    os.environ.update(env)
+    program = getattr(importlib.import_module(module), function)
+    os.close(started_fd)  # as an exec would: the launcher now knows it runs
+    code = 1
+    try:
+        code = program() or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 — say what went wrong, never unwind further
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    os._exit(code)
 
 
 def _report(fd: int, line: str) -> None:
@@ -251,7 +288,7 @@ def become(spec: dict, stdio: list[int], report_fd: int, go_fd: int | None,
             prepare_namespaces(spec)
             if pid_namespace:
                 _init(spec, report_fd)  # never returns
-            finish_and_exec(spec)
+            finish_and_exec(spec, report_fd)
         except (OSError, SetupError) as e:
             _report(report_fd, f"E {e}")
             os._exit(127)
@@ -287,7 +324,7 @@ def _init(spec: dict, report_fd: int) -> None:
             os.setpgid(0, 0)
             for sig in FORWARDED:
                 signal.signal(sig, signal.SIG_DFL)
-            finish_and_exec(spec)
+            finish_and_exec(spec, ready_w)
         except (OSError, SetupError) as e:
             _report(ready_w, f"E {e}")
         except BaseException as e:  # noqa: BLE001
