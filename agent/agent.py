@@ -4,8 +4,9 @@
        ^                               │  <──/api/v1/executor (SUBSCRIBE stream, UPDATE)──┘
        └──StatusUpdate (reliable)──────┘
 
-The agent keeps the books (`agent.state`), launches executors through the posix launcher
-(`agent.containerizer.launcher`) in sandboxes (`agent.sandbox`) after fetching their URIs
+The agent keeps the books (`agent.state`), launches executors through the containerizer
+(`agent.containerizer`: posix or linux launcher, isolators, images) in sandboxes
+(`agent.sandbox`) after fetching their URIs
 (`agent.fetcher`, in a thread of its own), serves the executor API (`agent.executor_api`), the sandbox
 files (`agent.files`) and the read-only endpoints (`agent.endpoints`), forwards status updates
 through `agent.status_updates`, retried until the master acknowledges them and journaled for
@@ -19,9 +20,6 @@ Recovery (`_recover_books`, before the agent listens): the books of checkpointin
 come back from `meta/` (agent.checkpoint), live executors are re-attached and re-subscribe,
 the tasks of dead ones fail; `--recover cleanup` kills them instead and starts afresh. With a
 `zk://` master the leader is followed (agent.master_detector).
-
-Seams for what comes later: isolators and images (the launcher spec), a cgroups usage
-function (the `usage` argument).
 """
 
 from __future__ import annotations
