@@ -10,6 +10,8 @@ from twisted.internet import defer
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
                             globalLogBeginner, textFileLogObserver)
 
+from agora.resources import DEFAULT_PORTS
+
 
 def setup_logging(level: str | None = None) -> None:
     level = level or os.environ.get("AGORA_LOG_LEVEL", "info")
@@ -149,6 +151,25 @@ def run_agent(reactor, args, secret) -> int:
                   lambda: print(f"Agent: http://{args.ip}:{agent.port}", flush=True))
 
 
+def _local_agent_identity(index: int, count: int, ip: str, resources: str | None) -> dict:
+    """What tells a local cluster's agents apart, as separate hosts would be: on loopback
+    each its own address, 127.0.0.<1+index>, which is also its hostname (resolvable, so a
+    task may bind $HOST; placement constraints on hostname spread over them), and, unless
+    --resources names ports, a slice each of the default port range."""
+    if count == 1:
+        return {}
+    out = {}
+    if ip == "127.0.0.1":
+        out["ip"] = out["hostname"] = f"127.0.0.{1 + index}"
+    if resources is None or "ports" not in resources:
+        (first, last), = DEFAULT_PORTS
+        span = (last - first + 1) // count
+        begin = first + index * span
+        ports = f"ports:[{begin}-{begin + span - 1}]"
+        out["resources"] = f"{resources};{ports}" if resources else ports
+    return out
+
+
 def run_local(reactor, args) -> int:
     from agent.agent import Agent
     from master.service import MasterService
@@ -174,9 +195,11 @@ def run_local(reactor, args) -> int:
                 # A fetcher cache belongs to one agent: each gets its own directory.
                 cache = (os.path.join(args.fetcher_cache_dir, f"agent{i}")
                          if args.fetcher_cache_dir else None)
+                kwargs = dict(_agent_kwargs(args, cache), ip=args.ip)
+                kwargs.update(_local_agent_identity(i, args.agents, args.ip, args.resources))
                 agent = Agent(reactor, master=(args.ip, master.port),
-                              work_dir=os.path.join(args.work_dir, f"agent{i}"), ip=args.ip,
-                              port=port, **_agent_kwargs(args, cache))
+                              work_dir=os.path.join(args.work_dir, f"agent{i}"),
+                              port=port, **kwargs)
                 agents.append(agent)
                 ds.append(agent.start())
             return defer.gatherResults(ds, consumeErrors=True)
@@ -197,7 +220,7 @@ def run_local(reactor, args) -> int:
         print(f"  master: http://{args.ip}:{master.port}   (pymesos: {args.ip}:{master.port})",
               flush=True)
         for i, a in enumerate(agents):
-            print(f"  agent{i}: http://{args.ip}:{a.port}", flush=True)
+            print(f"  agent{i}: http://{a.ip}:{a.port}", flush=True)
         if marathon is not None:
             print(f"  marathon: http://{args.ip}:{marathon.port}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
