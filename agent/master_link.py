@@ -1,7 +1,8 @@
 """The agent's connection to the master: connect, answer the challenge, reconnect forever.
 
     connect ──> Challenge ──> (Re)RegisterAgent ──> AgentRegistered ──> registered
-       ^                                                                    │
+       ^                        │    ^                                      │
+       │      no answer in 1 s ×2 … 10 s: send it again on the same link    │
        └──── backoff (0.1 s ×2 … 10 s, jittered) <── link lost / silent ────┘
 
 The agent supplies the registration message (it knows whether it has an id and what runs);
@@ -24,10 +25,16 @@ from agora.link import Link
 
 log = Logger()
 
-#: Give up on a connection that does not get us registered within this time: at first after
-#: FIRST_REGISTRATION_TIMEOUT, doubled on each further attempt up to REGISTRATION_TIMEOUT. A
+#: Send the registration again, on the same link, when it is not answered within this time:
+#: at first after FIRST_REGISTRATION_TIMEOUT, doubled on each further attempt up to
+#: REGISTRATION_TIMEOUT (the Mesos agent retries its (Re)RegisterSlave the same way). A
 #: master that ignores us (a follower, or a new leader whose own watch has not fired yet)
-#: then costs a second, not ten, as with Mesos's registration backoff.
+#: then costs a second, not ten; one that is merely busy (a new leader taking 10,000 agents
+#: back) keeps our place in its queue instead of getting a new connection to accept and a
+#: new copy to process. The master answers a copy for a registration it is still working
+#: on with nothing, and one for a link it has registered with AgentRegistered again, so a
+#: repeated first registration cannot admit us twice. A link on which the master has not
+#: even sent its Challenge by then is dropped and made again.
 REGISTRATION_TIMEOUT = 10.0
 FIRST_REGISTRATION_TIMEOUT = 1.0
 #: Drop a registered link after this many ping intervals without a word from the master.
@@ -103,6 +110,7 @@ class MasterLink:
         self._retry_call = None
         self._timeout_call = None
         self._watchdog_call = None
+        self._challenge: protocol.Challenge | None = None  # the current link's
         self._ping_interval = 0.0
         self._last_heard = 0.0
         self._stopped: Deferred | None = None
@@ -165,8 +173,13 @@ class MasterLink:
 
     def _attach(self, link: Link) -> None:
         self._link = link
+        self._challenge = None
         link.on_message = lambda msg, link=link: self._received(link, msg)
         link.on_lost = lambda reason, link=link: self._lost(link, reason)
+        self._arm_registration_timeout(link)
+
+    def _arm_registration_timeout(self, link: Link) -> None:
+        self._cancel(self._timeout_call)
         timeout = self._attempt_timeout
         self._attempt_timeout = min(timeout * 2, self.registration_timeout)
         self._timeout_call = self.reactor.callLater(timeout, self._registration_timed_out,
@@ -192,15 +205,8 @@ class MasterLink:
         if kind is protocol.Ping:
             link.send(protocol.Pong(seq=msg.seq))
         elif kind is protocol.Challenge:
-            registration = self.registration(msg)
-            link.send(registration)
-            if type(registration) is protocol.RegisterAgent and self._timeout_call is not None:
-                # A first registration is not idempotent (a late answer to an abandoned one
-                # would admit us twice): give it the whole timeout.
-                self._cancel(self._timeout_call)
-                self._timeout_call = self.reactor.callLater(
-                    self.registration_timeout, self._registration_timed_out, link,
-                    self.registration_timeout)
+            self._challenge = msg
+            link.send(self.registration(msg))
         elif kind is protocol.AgentRegistered:
             self._cancel(self._timeout_call)
             self._timeout_call = None
@@ -242,10 +248,17 @@ class MasterLink:
 
     def _registration_timed_out(self, link: Link, timeout: float) -> None:
         self._timeout_call = None
-        if link is self._link and not self.registered:
-            log.warn("Master {host}:{port} did not register us within {t}s; reconnecting",
+        if link is not self._link or self.registered:
+            return
+        if self._challenge is None:
+            log.warn("Master {host}:{port} did not challenge us within {t}s; reconnecting",
                      host=self.host, port=self.port, t=timeout)
             link.transport.abortConnection()
+            return
+        log.info("Master {host}:{port} did not register us within {t}s; sending the "
+                 "registration again", host=self.host, port=self.port, t=timeout)
+        link.send(self.registration(self._challenge))  # what runs now, not what ran then
+        self._arm_registration_timeout(link)
 
     # --- liveness ----------------------------------------------------------------------
 

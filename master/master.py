@@ -77,7 +77,7 @@ class Master:
             "slave_registrations", "slave_reregistrations", "slave_removals",
             "valid_status_updates", "invalid_status_updates", "messages_launch_tasks",
             "messages_decline_offers", "messages_kill_task", "outstanding_offers_made",
-            "allocation_runs", "dropped_messages"), 0)
+            "allocation_runs", "dropped_messages", "dropped_registrations"), 0)
         self._framework_seq = itertools.count()
         self._agent_seq = itertools.count()
         self._offer_seq = itertools.count()
@@ -836,11 +836,23 @@ class Master:
         """A new agent link: challenge it; it answers with (Re)RegisterAgent."""
         link.nonce = os.urandom(16)
         link.agent = None
+        link.registering = False  # a (re)registration from this link is being worked on
         link.send(protocol.Challenge(nonce=link.nonce, master_id=self.id))
 
     def on_agent_message(self, link, msg) -> None:
         kind = type(msg)
         if kind is protocol.RegisterAgent or kind is protocol.ReregisterAgent:
+            # An agent sends its registration again on the same link while unanswered
+            # (agent/master_link.py): a copy is not a new registration.
+            if link.registering:
+                self.metrics["dropped_registrations"] += 1
+                return
+            agent = link.agent
+            if agent is not None and (kind is protocol.RegisterAgent or msg.agent_id == agent.id):
+                self.metrics["dropped_registrations"] += 1
+                link.send(protocol.AgentRegistered(agent_id=agent.id, master_id=self.id,
+                                                   ping_interval=self.agent_ping_timeout))
+                return
             if not protocol.check_proof(self.secret, link.nonce, msg.proof):
                 log.warn("Agent at {peer} failed the shared-secret handshake", peer=link._peer())
                 link.send(protocol.AgentRefused(message="Authentication failed: the agent's "
@@ -880,12 +892,15 @@ class Master:
 
     def _register_agent(self, link, info: dict, total: Resources) -> None:
         agent_id = f"{self.id}-S{next(self._agent_seq)}"
+        link.registering = True
         d = self.registrar.admit(agent_id, info)
         d.addCallback(lambda _: self._admitted(link, agent_id, info, total))
-        d.addErrback(lambda f: (log.failure("Registry write failed", f),
+        d.addErrback(lambda f: (setattr(link, "registering", False),
+                                log.failure("Registry write failed", f),
                                 link.send(protocol.AgentRefused(message="registry failure"))))
 
     def _admitted(self, link, agent_id, info, total) -> None:
+        link.registering = False
         if not link.connected:
             return
         agent = Agent(id=agent_id, info=info, total=total, registered_time=self.now(),
@@ -912,11 +927,14 @@ class Master:
         if registered == ("admitted", info):  # already durable as it is: nothing to write
             self._readmitted(link, msg, info, total)
             return
+        link.registering = True
         d = self.registrar.admit(agent_id, info)
         d.addCallback(lambda _: self._readmitted(link, msg, info, total))
-        d.addErrback(lambda f: log.failure("Registry write failed", f))
+        d.addErrback(lambda f: (setattr(link, "registering", False),
+                                log.failure("Registry write failed", f)))
 
     def _readmitted(self, link, msg, info, total) -> None:
+        link.registering = False
         if not link.connected:
             return
         agent_id = msg.agent_id

@@ -35,9 +35,9 @@ class AgentLinkFactory(Factory):
     """Builds the master's end of an agent connection (after the sniffed prefix).
 
     While `leading()` is false, registrations are dropped (as a Mesos follower does); the
-    agent gives up on the link after its registration timeout and tries again. A leader that
-    is still recovering its registry takes them once it has: `later(fn)` queues `fn` and
-    says True then.
+    agent sends its registration again after its registration timeout. A leader that is
+    still recovering its registry takes them once it has: `later(fn)` queues `fn` and says
+    True then; one per link (the agent's copies of a queued registration are dropped).
     """
 
     def __init__(self, master: Master, leading=lambda: True, later=lambda fn: False):
@@ -49,11 +49,21 @@ class AgentLinkFactory(Factory):
         link = Link(self.master.reactor, send_prefix=False)
         link.agent = None
         link.nonce = b""
+        link.queued = False  # a registration waits for the registry to be recovered
         master, leading, later = self.master, self.leading, self.later
+
+        def take_queued(msg):
+            link.queued = False
+            if link.connected:
+                master.on_agent_message(link, msg)
 
         def on_message(msg):
             if isinstance(msg, _REGISTRATIONS) and not leading():
-                if later(lambda: link.connected and master.on_agent_message(link, msg)):
+                if link.queued:
+                    master.metrics["dropped_registrations"] += 1
+                    return
+                if later(lambda: take_queued(msg)):
+                    link.queued = True
                     return
                 log.info("Ignoring {kind} from {peer}: this master is not the leader",
                          kind=type(msg).__name__, peer=link._peer())

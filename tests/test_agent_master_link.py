@@ -124,3 +124,67 @@ def test_an_ignored_reregistration_is_retried_within_seconds(make_cluster):
     wait_for(lambda: len(c.master.of(protocol.ReregisterAgent)) >= 2, 4,
              what="a second ReregisterAgent")
     wait_for(lambda: c.agent.registered, what="re-registration")
+    assert c.master.connections == 2  # the copy came on the same connection
+
+
+# --- MasterLink alone, on a fake clock and in-memory transports -----------------------------
+
+def _link_under_test(registration):
+    """A started MasterLink on a MemoryReactorClock; (reactor, MasterLink, registered list)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from agent.master_link import MasterLink
+
+    reactor, registered = MemoryReactorClock(), []
+    link = MasterLink(reactor, "127.0.0.1", 5050, registration=registration,
+                      on_registered=registered.append, on_message=lambda msg: None)
+    link.start()
+    return reactor, link, registered
+
+
+def _accept(reactor):
+    """Make the latest connection: (the agent's Link, its in-memory transport)."""
+    from twisted.internet.testing import StringTransport
+
+    factory = reactor.tcpClients[-1][2]
+    proto, transport = factory.buildProtocol(None), StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def _sent(transport):
+    data = transport.value()
+    assert data.startswith(protocol.PREFIX)
+    return protocol.Decoder().feed(data[len(protocol.PREFIX):])
+
+
+def test_an_unanswered_registration_is_sent_again_on_the_same_connection():
+    """No answer within 1 s, then 2 s: the registration goes again on the same link (the
+    master keeps its place in the queue); once answered, nothing more is sent."""
+    reg = protocol.ReregisterAgent(agent_id="a1", info={}, version="1.11.0")
+    reactor, link, registered = _link_under_test(lambda challenge: reg)
+    proto, transport = _accept(reactor)
+    proto.dataReceived(protocol.encode([protocol.Challenge(nonce=b"n", master_id="m")]))
+    reactor.advance(0)
+    assert _sent(transport) == [reg]
+    reactor.advance(1.0)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg]
+    reactor.advance(1.9)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg]  # the second wait is 2 s
+    reactor.advance(0.1)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg, reg]
+    assert len(reactor.tcpClients) == 1 and not transport.disconnecting
+    proto.dataReceived(protocol.encode([protocol.AgentRegistered("a1", "m", 0.0)]))
+    reactor.advance(100)
+    assert _sent(transport) == [reg, reg, reg] and registered and link.registered
+
+
+def test_a_master_that_never_challenges_gets_a_new_connection():
+    """A link on which not even the Challenge arrives within the timeout is dropped."""
+    reactor, link, _ = _link_under_test(lambda challenge: None)
+    proto, transport = _accept(reactor)
+    reactor.advance(1.0)
+    assert transport.disconnecting or transport.disconnected

@@ -59,18 +59,22 @@ def old(clock, registry):
     return m, agent_id, fw1, fw2
 
 
-def reregister(master, clock, agent_id, tasks, frameworks):
-    link = FakeLink()
-    master.agent_connected(link)
-    master.on_agent_message(link, protocol.ReregisterAgent(
+def reregistration(agent_id, tasks, frameworks, hostname="h1"):
+    return protocol.ReregisterAgent(
         agent_id=agent_id, version="test",
-        info={"hostname": "h1", "port": 5051,
+        info={"hostname": hostname, "port": 5051,
               "resources": Resources.parse("cpus:4;mem:1024").to_json()},
         tasks=[{"task_id": {"value": tid}, "framework_id": {"value": fw.id},
                 "executor_id": {"value": tid}, "state": "TASK_RUNNING",
                 "resources": Resources.parse("cpus:1;mem:64").to_json()}
                for tid, fw in tasks],
-        frameworks=[fw.info for fw in frameworks]))
+        frameworks=[fw.info for fw in frameworks])
+
+
+def reregister(master, clock, agent_id, tasks, frameworks):
+    link = FakeLink()
+    master.agent_connected(link)
+    master.on_agent_message(link, reregistration(agent_id, tasks, frameworks))
     clock.advance(0)  # the registry write
     return link
 
@@ -265,4 +269,54 @@ def test_an_elected_master_serves_only_once_it_has_read_the_registry(clock):
     pending.callback({"agents": {}, "frameworks": {}, "weights": {}})
     assert held == ["registration"] and svc.leading
     assert not svc._after_recovery(lambda: None)
+    svc.master.stop()
+
+
+def test_copies_of_a_reregistration_are_not_taken_again(clock, registry, old):
+    """Copies of a ReregisterAgent on its link (the agent re-sends an unanswered one) are
+    dropped while it is in flight and answered again once it is done: one re-registration."""
+    _, agent_id, fw1, fw2 = old
+    m = new_master(clock, registry)
+    link = FakeLink()
+    m.agent_connected(link)
+    msg = reregistration(agent_id, [("t1", fw1), ("t2", fw2)], [fw1, fw2], hostname="h2")
+    m.on_agent_message(link, msg)  # its info changed: a registry write is on its way
+    m.on_agent_message(link, msg)
+    clock.advance(0)
+    assert len(link.of(protocol.AgentRegistered)) == 1
+    task = m.frameworks[fw1.id].tasks["t1"]
+    m.on_agent_message(link, msg)  # crossed the answer
+    assert [r.agent_id for r in link.of(protocol.AgentRegistered)] == [agent_id] * 2
+    assert m.metrics["slave_reregistrations"] == 1 and m.metrics["dropped_registrations"] == 2
+    assert m.frameworks[fw1.id].tasks["t1"] is task
+    m.stop()
+
+
+def test_registrations_held_for_the_registry_are_held_once_per_link(clock):
+    """While the elected master reads its registry, an agent's copies of the registration it
+    holds are dropped; the registration is handled once, after recovery."""
+    import types
+
+    from twisted.internet import defer
+    from twisted.internet.testing import StringTransport
+
+    from master.service import AgentLinkFactory, MasterService
+
+    svc = MasterService(clock, zk="zk://127.0.0.1:1/agora", registry="in_memory")
+    pending = defer.Deferred()
+    svc.registry.load = lambda: pending
+    svc.election = types.SimpleNamespace(leading=True, leader=None)
+    svc._leading_changed(True)
+    link = AgentLinkFactory(svc.master, lambda: svc.leading,
+                            svc._after_recovery).buildProtocol(None)
+    link.makeConnection(StringTransport())
+    register = protocol.RegisterAgent(
+        info={"hostname": "h1", "port": 5051,
+              "resources": Resources.parse("cpus:4;mem:1024").to_json()}, version="test")
+    link.dataReceived(protocol.PREFIX + protocol.encode([register, register]))
+    link.dataReceived(protocol.encode([register]))
+    assert svc.master.metrics["dropped_registrations"] == 2 and not svc.master.agents
+    pending.callback({"agents": {}, "frameworks": {}, "weights": {}})
+    clock.advance(0)  # the registry write
+    assert len(svc.master.agents) == 1 and svc.master.metrics["slave_registrations"] == 1
     svc.master.stop()
