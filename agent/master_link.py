@@ -29,12 +29,13 @@ log = Logger()
 #: at first after FIRST_REGISTRATION_TIMEOUT, doubled on each further attempt up to
 #: REGISTRATION_TIMEOUT (the Mesos agent retries its (Re)RegisterSlave the same way). A
 #: master that ignores us (a follower, or a new leader whose own watch has not fired yet)
-#: then costs a second, not ten; one that is merely busy (a new leader taking 10,000 agents
-#: back) keeps our place in its queue instead of getting a new connection to accept and a
-#: new copy to process. The master answers a copy for a registration it is still working
-#: on with nothing, and one for a link it has registered with AgentRegistered again, so a
+#: then costs a second, not ten. A master whose Challenge says it leads will answer however
+#: long its queue (a new leader taking 10,000 agents back): we wait REGISTRATION_TIMEOUT
+#: for it rather than add copies to that queue, and keep our place in it rather than take
+#: a new connection. The master answers a copy for a registration it is still working on
+#: with nothing, and one for a link it has registered with AgentRegistered again, so a
 #: repeated first registration cannot admit us twice. A link on which the master has not
-#: even sent its Challenge by then is dropped and made again.
+#: sent its Challenge within REGISTRATION_TIMEOUT is dropped and made again.
 REGISTRATION_TIMEOUT = 10.0
 FIRST_REGISTRATION_TIMEOUT = 1.0
 #: Drop a registered link after this many ping intervals without a word from the master.
@@ -61,6 +62,8 @@ class Backoff:
 
 
 class _Factory(ClientFactory):
+    noisy = False  # no "Starting factory" log line for every connection attempt
+
     def __init__(self, owner: MasterLink):
         self.owner = owner
 
@@ -176,14 +179,22 @@ class MasterLink:
         self._challenge = None
         link.on_message = lambda msg, link=link: self._received(link, msg)
         link.on_lost = lambda reason, link=link: self._lost(link, reason)
-        self._arm_registration_timeout(link)
+        # A master that is busy (a new leader accepting 10,000 agents at once) may take more
+        # than a second to challenge us; a new connection would only add to its queue.
+        self._arm_timeout(link, self.registration_timeout)
 
-    def _arm_registration_timeout(self, link: Link) -> None:
+    def _arm_timeout(self, link: Link, timeout: float) -> None:
         self._cancel(self._timeout_call)
-        timeout = self._attempt_timeout
-        self._attempt_timeout = min(timeout * 2, self.registration_timeout)
         self._timeout_call = self.reactor.callLater(timeout, self._registration_timed_out,
                                                     link, timeout)
+
+    def _arm_registration_timeout(self, link: Link) -> None:
+        if self._challenge.leading:  # it will answer, however long its queue: wait for it
+            self._arm_timeout(link, self.registration_timeout)
+            return
+        timeout = self._attempt_timeout
+        self._attempt_timeout = min(timeout * 2, self.registration_timeout)
+        self._arm_timeout(link, timeout)
 
     def _connection_failed(self, reason) -> None:
         self._connector = None
@@ -207,6 +218,7 @@ class MasterLink:
         elif kind is protocol.Challenge:
             self._challenge = msg
             link.send(self.registration(msg))
+            self._arm_registration_timeout(link)
         elif kind is protocol.AgentRegistered:
             self._cancel(self._timeout_call)
             self._timeout_call = None

@@ -32,10 +32,15 @@ def _message(cls):
 
 @_message
 class Challenge:
-    """Master -> agent, first message: prove you know the shared secret (if any)."""
+    """Master -> agent, first message: prove you know the shared secret (if any).
+
+    `leading`: this master leads (or was elected and reads its registry), so it will answer
+    the registration, however long its queue; a follower ignores registrations.
+    """
 
     nonce: bytes
     master_id: str
+    leading: bool = False
 
 
 @_message

@@ -183,8 +183,27 @@ def test_an_unanswered_registration_is_sent_again_on_the_same_connection():
 
 
 def test_a_master_that_never_challenges_gets_a_new_connection():
-    """A link on which not even the Challenge arrives within the timeout is dropped."""
+    """A link on which the Challenge does not arrive within the whole registration timeout
+    (10 s: a busy master may take seconds to get to it) is dropped."""
     reactor, link, _ = _link_under_test(lambda challenge: None)
     proto, transport = _accept(reactor)
-    reactor.advance(1.0)
+    reactor.advance(9.9)
+    assert not transport.disconnecting
+    reactor.advance(0.1)
     assert transport.disconnecting or transport.disconnected
+
+
+def test_a_leading_master_is_given_the_whole_timeout_before_a_copy():
+    """A master whose Challenge says it leads answers however long its queue: the agent
+    sends no copy for 10 s (a busy new leader is not sent thousands of them)."""
+    reg = protocol.ReregisterAgent(agent_id="a1", info={}, version="1.11.0")
+    reactor, link, _ = _link_under_test(lambda challenge: reg)
+    proto, transport = _accept(reactor)
+    proto.dataReceived(protocol.encode([protocol.Challenge(b"n", "m", leading=True)]))
+    reactor.advance(0)
+    reactor.advance(9.9)
+    reactor.advance(0)
+    assert _sent(transport) == [reg]
+    reactor.advance(0.1)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg] and len(reactor.tcpClients) == 1

@@ -307,9 +307,13 @@ def test_registrations_held_for_the_registry_are_held_once_per_link(clock):
     svc.registry.load = lambda: pending
     svc.election = types.SimpleNamespace(leading=True, leader=None)
     svc._leading_changed(True)
-    link = AgentLinkFactory(svc.master, lambda: svc.leading,
-                            svc._after_recovery).buildProtocol(None)
-    link.makeConnection(StringTransport())
+    factory = AgentLinkFactory(svc.master, lambda: svc.leading, svc._after_recovery,
+                               answering=svc._answering)
+    link, transport = factory.buildProtocol(None), StringTransport()
+    link.makeConnection(transport)
+    clock.advance(0)
+    [challenge] = protocol.Decoder().feed(transport.value())
+    assert challenge.leading  # elected: it will answer, the agent need not send copies
     register = protocol.RegisterAgent(
         info={"hostname": "h1", "port": 5051,
               "resources": Resources.parse("cpus:4;mem:1024").to_json()}, version="test")
@@ -320,3 +324,27 @@ def test_registrations_held_for_the_registry_are_held_once_per_link(clock):
     clock.advance(0)  # the registry write
     assert len(svc.master.agents) == 1 and svc.master.metrics["slave_registrations"] == 1
     svc.master.stop()
+
+
+def test_a_follower_challenges_as_a_follower_and_ignores_registrations(clock):
+    """A follower's Challenge says it does not lead (the agent then re-sends after a second,
+    in case it leads by then); the registration is ignored, as Mesos does."""
+    import types
+
+    from twisted.internet.testing import StringTransport
+
+    from master.service import AgentLinkFactory, MasterService
+
+    svc = MasterService(clock, zk="zk://127.0.0.1:1/agora", registry="in_memory")
+    svc.election = types.SimpleNamespace(leading=False, leader=None)
+    factory = AgentLinkFactory(svc.master, lambda: svc.leading, svc._after_recovery,
+                               answering=svc._answering)
+    link, transport = factory.buildProtocol(None), StringTransport()
+    link.makeConnection(transport)
+    clock.advance(0)
+    [challenge] = protocol.Decoder().feed(transport.value())
+    assert not challenge.leading
+    link.dataReceived(protocol.PREFIX + protocol.encode([protocol.RegisterAgent(
+        info={"hostname": "h1", "port": 5051, "resources": []}, version="test")]))
+    clock.advance(0)
+    assert not svc.master.agents and not svc.master.registrar.agents()
