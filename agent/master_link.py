@@ -40,6 +40,11 @@ REGISTRATION_TIMEOUT = 10.0
 FIRST_REGISTRATION_TIMEOUT = 1.0
 #: Drop a registered link after this many ping intervals without a word from the master.
 MAX_SILENT_PINGS = 5
+#: Told of a new leading master, connect to it after a random delay of up to this long, as
+#: the Mesos agent does (its --registration_backoff_factor, 1 s): 10,000 agents told at
+#: once would otherwise overflow the new leader's listen queue, and those whose SYN it
+#: dropped wait 1 s or 3 s for the kernel to send it again.
+NEW_MASTER_SPREAD = 1.0
 
 
 class Backoff:
@@ -93,7 +98,9 @@ class MasterLink:
                  on_refused: Callable[[str], None] = lambda message: None,
                  backoff: Backoff | None = None,
                  registration_timeout: float = REGISTRATION_TIMEOUT,
-                 first_registration_timeout: float = FIRST_REGISTRATION_TIMEOUT):
+                 first_registration_timeout: float = FIRST_REGISTRATION_TIMEOUT,
+                 new_master_spread: float = NEW_MASTER_SPREAD,
+                 rand: Callable[[], float] = random.random):
         self.reactor = reactor
         self.host, self.port = host, port
         self.registration = registration
@@ -104,6 +111,8 @@ class MasterLink:
         self.backoff = backoff or Backoff()
         self.registration_timeout = registration_timeout
         self.first_registration_timeout = min(first_registration_timeout, registration_timeout)
+        self.new_master_spread = new_master_spread
+        self.rand = rand
         self._attempt_timeout = self.first_registration_timeout
         self.registered = False
         self.refused: str | None = None
@@ -126,7 +135,8 @@ class MasterLink:
 
     def set_master(self, host: str | None, port: int | None) -> None:
         """Follow a new leading master (None: no leader known): drop the link to the old
-        one and connect to the new one at once. The agent then re-registers there."""
+        one at once and connect to the new one within `new_master_spread` seconds (a random
+        delay, so that all agents do not arrive at once). The agent then re-registers."""
         if (host, port) == (self.host, self.port):
             return
         log.info("Leading master is now {where}", where=f"{host}:{port}" if host else "unknown")
@@ -135,14 +145,16 @@ class MasterLink:
         self._attempt_timeout = self.first_registration_timeout
         self._cancel(self._retry_call)
         self._retry_call = None
+        if host is not None and self._running:
+            # Planned first: the old link's loss (or the old connection attempt's failure,
+            # which stopConnecting reports at once) then finds it and plans nothing more.
+            self._retry_call = self.reactor.callLater(self.new_master_spread * self.rand(),
+                                                      self._connect)
         link = self._link
         if link is not None:
-            link.transport.abortConnection()  # `_lost` reconnects to the new address
-        else:
-            if self._connector is not None and self._connector.state == "connecting":
-                self._connector.stopConnecting()  # its failure retries, to the new address
-            else:
-                self._connect()
+            link.transport.abortConnection()
+        elif self._connector is not None and self._connector.state == "connecting":
+            self._connector.stopConnecting()
 
     def stop(self) -> Deferred:
         """Close the link and stop reconnecting; fires when the connection is gone."""

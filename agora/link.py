@@ -53,14 +53,18 @@ class Link(Protocol):
     def __init__(self, reactor, send_prefix: bool = False):
         self.reactor = reactor
         self.send_prefix = send_prefix
-        self.on_message = lambda msg: None
-        self.on_lost = lambda reason: None
         self.connected = False
         self._decoder = protocol.Decoder()
         self._queue = []
         self._flusher = _flusher(reactor)
         self._flushing = False  # in the flusher's list for this turn
         self._skip = 0 if send_prefix else len(protocol.PREFIX)
+
+    def on_message(self, msg) -> None:
+        """Set by the owner (or overridden): a message arrived."""
+
+    def on_lost(self, reason) -> None:
+        """Set by the owner (or overridden): the connection is gone."""
 
     def connectionMade(self):
         self.connected = True

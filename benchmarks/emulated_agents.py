@@ -92,6 +92,7 @@ class EmulatedAgent:
     # --- registration ------------------------------------------------------------------
 
     def _registration(self, challenge: protocol.Challenge):
+        self.pool.challenges += 1
         proof = protocol.proof(self.pool.secret, challenge.nonce) if self.pool.secret else b""
         if self.agent_id is None:
             return protocol.RegisterAgent(info=self.info(), version=mj.MESOS_VERSION,
@@ -245,6 +246,7 @@ class EmulatedAgents:
         self.reconnect_initial = reconnect_initial
         self.frameworks: dict[str, dict] = {}  # framework id -> FrameworkInfo, as last sent
         self.framework_changes = 0
+        self.challenges = 0  # registrations built (a Challenge answered, or a copy)
         self.launched = 0  # tasks received (RunTask or in a RunTaskGroup)
         self.acks = 0  # StatusUpdateAcks received
         self.updates_sent = 0

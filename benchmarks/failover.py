@@ -183,6 +183,7 @@ class Bench:
         yield self.profiler.start(reactor, standby.pid, "failover")
         yield self.client_profiler.start(reactor, os.getpid(), "failover")
         client_cpu0 = self_cpu()
+        challenges0 = pool.challenges
         t_kill = time.monotonic()
         leader.kill()
         self.say(f"leader {old[0]}:{old[1]} SIGKILLed; {args.agents} agents hold {held} tasks")
@@ -220,10 +221,11 @@ class Bench:
             if "first_reregistered_s" not in fig and any(
                     n for mid, n in pool.masters().items() if mid != old_id):
                 fig["first_reregistered_s"] = round(time.monotonic() - t_kill, 3)
-            if time.monotonic() - last[0] >= args.report_every:
+            if time.monotonic() - last[0] >= args.report_every or moved():
                 last[0] = time.monotonic()
                 counts = {mid[-6:]: n for mid, n in pool.masters().items()}
-                self.say(f"re-registered so far: {counts}")
+                self.say(f"re-registered so far: {counts}; challenges answered since the "
+                         f"kill: {pool.challenges - challenges0}")
             return moved()
 
         yield wait_until(reactor, progress, args.timeout, "every agent to re-register",

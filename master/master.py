@@ -129,6 +129,11 @@ class Master:
             self._reregister_call = self.reactor.callLater(
                 self.agent_reregister_timeout, self._reregister_timed_out)
 
+    @property
+    def awaited_agents(self) -> int:
+        """How many agents the registry holds as admitted that have not re-registered yet."""
+        return len(self._recovering)
+
     def recovering_agents(self) -> dict:
         """agent id -> AgentInfo of agents still expected to re-register after a failover."""
         return dict(self._recovering)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.internet.error import ConnectionAborted
+from twisted.python.failure import Failure
+
 from agent_harness import agent_reactor, make_cluster, process_alive, wait_for  # noqa: F401
 
 from agora import protocol
@@ -129,7 +132,7 @@ def test_an_ignored_reregistration_is_retried_within_seconds(make_cluster):
 
 # --- MasterLink alone, on a fake clock and in-memory transports -----------------------------
 
-def _link_under_test(registration):
+def _link_under_test(registration, **options):
     """A started MasterLink on a MemoryReactorClock; (reactor, MasterLink, registered list)."""
     from twisted.internet.testing import MemoryReactorClock
 
@@ -137,7 +140,7 @@ def _link_under_test(registration):
 
     reactor, registered = MemoryReactorClock(), []
     link = MasterLink(reactor, "127.0.0.1", 5050, registration=registration,
-                      on_registered=registered.append, on_message=lambda msg: None)
+                      on_registered=registered.append, on_message=lambda msg: None, **options)
     link.start()
     return reactor, link, registered
 
@@ -207,3 +210,34 @@ def test_a_leading_master_is_given_the_whole_timeout_before_a_copy():
     reactor.advance(0.1)
     reactor.advance(0)
     assert _sent(transport) == [reg, reg] and len(reactor.tcpClients) == 1
+
+
+def test_a_new_leader_is_reached_after_a_random_share_of_the_spread():
+    """Told of a new leader, the agent drops the old link at once and connects within
+    NEW_MASTER_SPREAD (here after 0.3 of it), so that 10,000 agents do not all arrive in the
+    same instant; the new link re-registers."""
+    reg = protocol.ReregisterAgent(agent_id="a1", info={}, version="1.11.0")
+    reactor, link, _ = _link_under_test(lambda challenge: reg, rand=lambda: 0.3)
+    proto, transport = _accept(reactor)
+    proto.dataReceived(protocol.encode([protocol.Challenge(b"n", "m", leading=True)]))
+    proto.dataReceived(protocol.encode([protocol.AgentRegistered("a1", "m", 0.0)]))
+    link.set_master("127.0.0.2", 5050)
+    assert transport.disconnecting or transport.disconnected
+    proto.connectionLost(Failure(ConnectionAborted()))
+    reactor.advance(0.29)
+    assert len(reactor.tcpClients) == 1 and not link.registered
+    reactor.advance(0.01)
+    assert reactor.tcpClients[-1][:2] == ("127.0.0.2", 5050) and len(reactor.tcpClients) == 2
+
+
+def test_a_new_leader_during_a_connection_attempt_gets_one_connection():
+    """Told of a new leader while still trying the old one, the agent abandons that attempt
+    and makes exactly one connection to the new leader."""
+    reactor, link, _ = _link_under_test(lambda challenge: None, rand=lambda: 0.5)
+    connector = reactor.connectors[-1]
+    link._connector = connector  # MemoryReactor's connectors report no state of their own
+    connector.state = "connecting"
+    connector.stopConnecting = lambda: link._connection_failed(Failure(ConnectionAborted()))
+    link.set_master("127.0.0.2", 5050)
+    reactor.advance(5)
+    assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 5050), ("127.0.0.2", 5050)]

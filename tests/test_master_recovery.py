@@ -348,3 +348,43 @@ def test_a_follower_challenges_as_a_follower_and_ignores_registrations(clock):
         info={"hostname": "h1", "port": 5051, "resources": []}, version="test")]))
     clock.advance(0)
     assert not svc.master.agents and not svc.master.registrar.agents()
+
+
+def test_the_collector_rests_while_the_registry_s_agents_come_back(clock):
+    """A new leader turns the cyclic collector off until the agents it expects are back (or
+    GC_PAUSE_MAX has passed), then freezes what they brought and turns it on again."""
+    import gc
+    import types
+
+    from twisted.internet import defer
+
+    from master import service
+    from master.service import MasterService
+
+    info = {"hostname": "h1", "port": 5051, "ip": "127.0.0.1",
+            "resources": Resources.parse("cpus:4;mem:1024").to_json()}
+    records = {"agents": {"a1": ("admitted", info), "a2": ("admitted", info)},
+               "frameworks": {}, "weights": {}}
+    try:
+        for comes_back in (True, False):
+            svc = MasterService(clock, zk="zk://127.0.0.1:1/agora", registry="in_memory")
+            svc.registry.load = lambda: defer.succeed(records)
+            svc.election = types.SimpleNamespace(leading=True, leader=None)
+            svc._leading_changed(True)
+            assert not gc.isenabled() and svc.master.awaited_agents == 2
+            if comes_back:
+                for agent_id in ("a1", "a2"):
+                    link = FakeLink()
+                    svc.master.agent_connected(link)
+                    svc.master.on_agent_message(link, protocol.ReregisterAgent(
+                        agent_id=agent_id, info=info, version="test"))
+                clock.advance(service.GC_PAUSE_CHECK)
+            else:
+                clock.advance(service.GC_PAUSE_MAX - service.GC_PAUSE_CHECK)
+                assert not gc.isenabled()
+                clock.advance(service.GC_PAUSE_CHECK)
+            assert gc.isenabled(), comes_back
+            svc.master.stop()
+    finally:
+        gc.enable()
+        gc.unfreeze()
