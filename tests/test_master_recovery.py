@@ -292,27 +292,44 @@ def test_copies_of_a_reregistration_are_not_taken_again(clock, registry, old):
     m.stop()
 
 
-def test_registrations_held_for_the_registry_are_held_once_per_link(clock):
-    """While the elected master reads its registry, an agent's copies of the registration it
-    holds are dropped; the registration is handled once, after recovery."""
+def ha_service(clock, leading: bool, load=None):
+    """A MasterService with --zk whose election says `leading` (and the registry `load()`)."""
     import types
 
-    from twisted.internet import defer
-    from twisted.internet.testing import StringTransport
-
-    from master.service import AgentLinkFactory, MasterService
+    from master.service import MasterService
 
     svc = MasterService(clock, zk="zk://127.0.0.1:1/agora", registry="in_memory")
-    pending = defer.Deferred()
-    svc.registry.load = lambda: pending
-    svc.election = types.SimpleNamespace(leading=True, leader=None)
-    svc._leading_changed(True)
+    if load is not None:
+        svc.registry.load = load
+    svc.election = types.SimpleNamespace(leading=leading, leader=None)
+    if leading:
+        svc._leading_changed(True)
+    return svc
+
+
+def agent_link(svc, clock):
+    """A connection from an agent to the service's agent port: (its link, the Challenge)."""
+    from twisted.internet.testing import StringTransport
+
+    from master.service import AgentLinkFactory
+
     factory = AgentLinkFactory(svc.master, lambda: svc.leading, svc._after_recovery,
                                answering=svc._answering)
     link, transport = factory.buildProtocol(None), StringTransport()
     link.makeConnection(transport)
     clock.advance(0)
     [challenge] = protocol.Decoder().feed(transport.value())
+    return link, challenge
+
+
+def test_registrations_held_for_the_registry_are_held_once_per_link(clock):
+    """While the elected master reads its registry, an agent's copies of the registration it
+    holds are dropped; the registration is handled once, after recovery."""
+    from twisted.internet import defer
+
+    pending = defer.Deferred()
+    svc = ha_service(clock, True, load=lambda: pending)
+    link, challenge = agent_link(svc, clock)
     assert challenge.leading  # elected: it will answer, the agent need not send copies
     register = protocol.RegisterAgent(
         info={"hostname": "h1", "port": 5051,
@@ -329,20 +346,8 @@ def test_registrations_held_for_the_registry_are_held_once_per_link(clock):
 def test_a_follower_challenges_as_a_follower_and_ignores_registrations(clock):
     """A follower's Challenge says it does not lead (the agent then re-sends after a second,
     in case it leads by then); the registration is ignored, as Mesos does."""
-    import types
-
-    from twisted.internet.testing import StringTransport
-
-    from master.service import AgentLinkFactory, MasterService
-
-    svc = MasterService(clock, zk="zk://127.0.0.1:1/agora", registry="in_memory")
-    svc.election = types.SimpleNamespace(leading=False, leader=None)
-    factory = AgentLinkFactory(svc.master, lambda: svc.leading, svc._after_recovery,
-                               answering=svc._answering)
-    link, transport = factory.buildProtocol(None), StringTransport()
-    link.makeConnection(transport)
-    clock.advance(0)
-    [challenge] = protocol.Decoder().feed(transport.value())
+    svc = ha_service(clock, False)
+    link, challenge = agent_link(svc, clock)
     assert not challenge.leading
     link.dataReceived(protocol.PREFIX + protocol.encode([protocol.RegisterAgent(
         info={"hostname": "h1", "port": 5051, "resources": []}, version="test")]))
@@ -354,12 +359,10 @@ def test_the_collector_rests_while_the_registry_s_agents_come_back(clock):
     """A new leader turns the cyclic collector off until the agents it expects are back (or
     GC_PAUSE_MAX has passed), then freezes what they brought and turns it on again."""
     import gc
-    import types
 
     from twisted.internet import defer
 
     from master import service
-    from master.service import MasterService
 
     info = {"hostname": "h1", "port": 5051, "ip": "127.0.0.1",
             "resources": Resources.parse("cpus:4;mem:1024").to_json()}
@@ -367,10 +370,7 @@ def test_the_collector_rests_while_the_registry_s_agents_come_back(clock):
                "frameworks": {}, "weights": {}}
     try:
         for comes_back in (True, False):
-            svc = MasterService(clock, zk="zk://127.0.0.1:1/agora", registry="in_memory")
-            svc.registry.load = lambda: defer.succeed(records)
-            svc.election = types.SimpleNamespace(leading=True, leader=None)
-            svc._leading_changed(True)
+            svc = ha_service(clock, True, load=lambda: defer.succeed(records))
             assert not gc.isenabled() and svc.master.awaited_agents == 2
             if comes_back:
                 for agent_id in ("a1", "a2"):
