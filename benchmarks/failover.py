@@ -180,6 +180,7 @@ class Bench:
         standby = next(m for p, m in self.masters.items() if p != old[1])
         fig["master_rss_before_mb"] = round(leader.rss_mb())
         cpu0 = standby.cpu_seconds()
+        fig["standby_cpu_before_s"] = round(cpu0, 2)  # mostly mirroring the registry
         yield self.profiler.start(reactor, standby.pid, "failover")
         yield self.client_profiler.start(reactor, os.getpid(), "failover")
         client_cpu0 = self_cpu()

@@ -80,10 +80,12 @@ class AgentLink(Link):
         self.agent = None
         self.nonce = b""
         self.queued = False  # a registration waits for the registry to be recovered
+        self.challenged_leading = False  # its Challenge said this master leads
 
     def connectionMade(self):
         super().connectionMade()
-        self.factory.master.agent_connected(self, leading=self.factory.answering())
+        self.challenged_leading = self.factory.answering()
+        self.factory.master.agent_connected(self, leading=self.challenged_leading)
 
     def on_message(self, msg) -> None:
         factory, master = self.factory, self.factory.master
@@ -96,6 +98,11 @@ class AgentLink(Link):
                 return
             log.info("Ignoring {kind} from {peer}: this master is not the leader",
                      kind=type(msg).__name__, peer=self._peer())
+            if self.challenged_leading:
+                # It was told we lead, and would wait 10 s for an answer: tell it we do not
+                # (it sends the registration again at once, then after 1 s, 2 s...).
+                self.challenged_leading = False
+                self.send(protocol.Challenge(nonce=self.nonce, master_id=master.id))
             return
         master.on_agent_message(self, msg)
 

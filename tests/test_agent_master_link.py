@@ -241,3 +241,19 @@ def test_a_new_leader_during_a_connection_attempt_gets_one_connection():
     link.set_master("127.0.0.2", 5050)
     reactor.advance(5)
     assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 5050), ("127.0.0.2", 5050)]
+
+
+def test_a_second_challenge_as_a_follower_gets_the_registration_again_and_short_waits():
+    """A master that challenged as leader and then cannot answer challenges again as a
+    follower: the agent sends its registration at once, then again after 1 s, not 10 s."""
+    reg = protocol.ReregisterAgent(agent_id="a1", info={}, version="1.11.0")
+    reactor, link, _ = _link_under_test(lambda challenge: reg)
+    proto, transport = _accept(reactor)
+    proto.dataReceived(protocol.encode([protocol.Challenge(b"n", "m", leading=True)]))
+    reactor.advance(0)
+    proto.dataReceived(protocol.encode([protocol.Challenge(b"n", "m", leading=False)]))
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg]
+    reactor.advance(1.0)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg, reg]

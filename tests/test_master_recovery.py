@@ -388,3 +388,21 @@ def test_the_collector_rests_while_the_registry_s_agents_come_back(clock):
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_a_leader_that_stops_leading_tells_agents_it_challenged_as_leader(clock):
+    """A registration that a leader must ignore (its ZooKeeper session is suspended) is not
+    left to the agent's 10 s wait: the link is challenged again as a follower's, once."""
+    svc = ha_service(clock, True)
+    link, challenge = agent_link(svc, clock)
+    assert challenge.leading and svc.leading
+    svc.election.leading = False  # suspended
+    register = protocol.RegisterAgent(
+        info={"hostname": "h1", "port": 5051, "resources": []}, version="test")
+    link.dataReceived(protocol.PREFIX + protocol.encode([register]))
+    link.dataReceived(protocol.encode([register]))
+    clock.advance(0)
+    sent = protocol.Decoder().feed(link.transport.value())
+    assert sent == [challenge, protocol.Challenge(challenge.nonce, challenge.master_id)]
+    assert not svc.master.agents
+    svc.master.stop()
