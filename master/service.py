@@ -34,7 +34,7 @@ EXIT_LOST_LEADERSHIP = 1
 #: that grows fast (a new leader taking back 10,000 agents and 100,000 tasks, ~1 GB) gets a
 #: full collection each time it grows by a quarter: half of that failover's CPU time went to
 #: the collector. Young collections of 50,000 objects (a few ms each) and a full one only
-#: after 100 older ones cut it to a tenth; reference counting frees nearly all garbage anyway.
+#: after 100 older ones cut it to a sixth; reference counting frees nearly all garbage anyway.
 GC_THRESHOLDS = (50_000, 10, 100)
 #: While the agents in the registry come back after a failover (at most this long), the
 #: collector is off: what they bring lives as long as they do, and collecting as the heap
