@@ -1,7 +1,8 @@
 """The agent's connection to the master: connect, answer the challenge, reconnect forever.
 
     connect ──> Challenge ──> (Re)RegisterAgent ──> AgentRegistered ──> registered
-       ^                                                                    │
+       ^                        │    ^                                      │
+       │      no answer in 1 s ×2 … 10 s: send it again on the same link    │
        └──── backoff (0.1 s ×2 … 10 s, jittered) <── link lost / silent ────┘
 
 The agent supplies the registration message (it knows whether it has an id and what runs);
@@ -24,14 +25,26 @@ from agora.link import Link
 
 log = Logger()
 
-#: Give up on a connection that does not get us registered within this time: at first after
-#: FIRST_REGISTRATION_TIMEOUT, doubled on each further attempt up to REGISTRATION_TIMEOUT. A
+#: Send the registration again, on the same link, when it is not answered within this time:
+#: at first after FIRST_REGISTRATION_TIMEOUT, doubled on each further attempt up to
+#: REGISTRATION_TIMEOUT (the Mesos agent retries its (Re)RegisterSlave the same way). A
 #: master that ignores us (a follower, or a new leader whose own watch has not fired yet)
-#: then costs a second, not ten, as with Mesos's registration backoff.
+#: then costs a second, not ten. A master whose Challenge says it leads will answer however
+#: long its queue (a new leader taking 10,000 agents back): we wait REGISTRATION_TIMEOUT
+#: for it rather than add copies to that queue, and keep our place in it rather than take
+#: a new connection. The master answers a copy for a registration it is still working on
+#: with nothing, and one for a link it has registered with AgentRegistered again, so a
+#: repeated first registration cannot admit us twice. A link on which the master has not
+#: sent its Challenge within REGISTRATION_TIMEOUT is dropped and made again.
 REGISTRATION_TIMEOUT = 10.0
 FIRST_REGISTRATION_TIMEOUT = 1.0
 #: Drop a registered link after this many ping intervals without a word from the master.
 MAX_SILENT_PINGS = 5
+#: Told of a new leading master, connect to it after a random delay of up to this long, as
+#: the Mesos agent does (its --registration_backoff_factor, 1 s): 10,000 agents told at
+#: once would otherwise overflow the new leader's listen queue, and those whose SYN it
+#: dropped wait 1 s or 3 s for the kernel to send it again.
+NEW_MASTER_SPREAD = 1.0
 
 
 class Backoff:
@@ -54,6 +67,8 @@ class Backoff:
 
 
 class _Factory(ClientFactory):
+    noisy = False  # no "Starting factory" log line for every connection attempt
+
     def __init__(self, owner: MasterLink):
         self.owner = owner
 
@@ -83,7 +98,9 @@ class MasterLink:
                  on_refused: Callable[[str], None] = lambda message: None,
                  backoff: Backoff | None = None,
                  registration_timeout: float = REGISTRATION_TIMEOUT,
-                 first_registration_timeout: float = FIRST_REGISTRATION_TIMEOUT):
+                 first_registration_timeout: float = FIRST_REGISTRATION_TIMEOUT,
+                 new_master_spread: float = NEW_MASTER_SPREAD,
+                 rand: Callable[[], float] = random.random):
         self.reactor = reactor
         self.host, self.port = host, port
         self.registration = registration
@@ -94,6 +111,8 @@ class MasterLink:
         self.backoff = backoff or Backoff()
         self.registration_timeout = registration_timeout
         self.first_registration_timeout = min(first_registration_timeout, registration_timeout)
+        self.new_master_spread = new_master_spread
+        self.rand = rand
         self._attempt_timeout = self.first_registration_timeout
         self.registered = False
         self.refused: str | None = None
@@ -103,6 +122,7 @@ class MasterLink:
         self._retry_call = None
         self._timeout_call = None
         self._watchdog_call = None
+        self._challenge: protocol.Challenge | None = None  # the current link's
         self._ping_interval = 0.0
         self._last_heard = 0.0
         self._stopped: Deferred | None = None
@@ -115,7 +135,8 @@ class MasterLink:
 
     def set_master(self, host: str | None, port: int | None) -> None:
         """Follow a new leading master (None: no leader known): drop the link to the old
-        one and connect to the new one at once. The agent then re-registers there."""
+        one at once and connect to the new one within `new_master_spread` seconds (a random
+        delay, so that all agents do not arrive at once). The agent then re-registers."""
         if (host, port) == (self.host, self.port):
             return
         log.info("Leading master is now {where}", where=f"{host}:{port}" if host else "unknown")
@@ -124,14 +145,16 @@ class MasterLink:
         self._attempt_timeout = self.first_registration_timeout
         self._cancel(self._retry_call)
         self._retry_call = None
+        if host is not None and self._running:
+            # Planned first: the old link's loss (or the old connection attempt's failure,
+            # which stopConnecting reports at once) then finds it and plans nothing more.
+            self._retry_call = self.reactor.callLater(self.new_master_spread * self.rand(),
+                                                      self._connect)
         link = self._link
         if link is not None:
-            link.transport.abortConnection()  # `_lost` reconnects to the new address
-        else:
-            if self._connector is not None and self._connector.state == "connecting":
-                self._connector.stopConnecting()  # its failure retries, to the new address
-            else:
-                self._connect()
+            link.transport.abortConnection()
+        elif self._connector is not None and self._connector.state == "connecting":
+            self._connector.stopConnecting()
 
     def stop(self) -> Deferred:
         """Close the link and stop reconnecting; fires when the connection is gone."""
@@ -165,12 +188,25 @@ class MasterLink:
 
     def _attach(self, link: Link) -> None:
         self._link = link
+        self._challenge = None
         link.on_message = lambda msg, link=link: self._received(link, msg)
         link.on_lost = lambda reason, link=link: self._lost(link, reason)
-        timeout = self._attempt_timeout
-        self._attempt_timeout = min(timeout * 2, self.registration_timeout)
+        # A master that is busy (a new leader accepting 10,000 agents at once) may take more
+        # than a second to challenge us; a new connection would only add to its queue.
+        self._arm_timeout(link, self.registration_timeout)
+
+    def _arm_timeout(self, link: Link, timeout: float) -> None:
+        self._cancel(self._timeout_call)
         self._timeout_call = self.reactor.callLater(timeout, self._registration_timed_out,
                                                     link, timeout)
+
+    def _arm_registration_timeout(self, link: Link) -> None:
+        if self._challenge.leading:  # it will answer, however long its queue: wait for it
+            self._arm_timeout(link, self.registration_timeout)
+            return
+        timeout = self._attempt_timeout
+        self._attempt_timeout = min(timeout * 2, self.registration_timeout)
+        self._arm_timeout(link, timeout)
 
     def _connection_failed(self, reason) -> None:
         self._connector = None
@@ -192,15 +228,9 @@ class MasterLink:
         if kind is protocol.Ping:
             link.send(protocol.Pong(seq=msg.seq))
         elif kind is protocol.Challenge:
-            registration = self.registration(msg)
-            link.send(registration)
-            if type(registration) is protocol.RegisterAgent and self._timeout_call is not None:
-                # A first registration is not idempotent (a late answer to an abandoned one
-                # would admit us twice): give it the whole timeout.
-                self._cancel(self._timeout_call)
-                self._timeout_call = self.reactor.callLater(
-                    self.registration_timeout, self._registration_timed_out, link,
-                    self.registration_timeout)
+            self._challenge = msg
+            link.send(self.registration(msg))
+            self._arm_registration_timeout(link)
         elif kind is protocol.AgentRegistered:
             self._cancel(self._timeout_call)
             self._timeout_call = None
@@ -242,10 +272,17 @@ class MasterLink:
 
     def _registration_timed_out(self, link: Link, timeout: float) -> None:
         self._timeout_call = None
-        if link is self._link and not self.registered:
-            log.warn("Master {host}:{port} did not register us within {t}s; reconnecting",
+        if link is not self._link or self.registered:
+            return
+        if self._challenge is None:
+            log.warn("Master {host}:{port} did not challenge us within {t}s; reconnecting",
                      host=self.host, port=self.port, t=timeout)
             link.transport.abortConnection()
+            return
+        log.info("Master {host}:{port} did not register us within {t}s; sending the "
+                 "registration again", host=self.host, port=self.port, t=timeout)
+        link.send(self.registration(self._challenge))  # what runs now, not what ran then
+        self._arm_registration_timeout(link)
 
     # --- liveness ----------------------------------------------------------------------
 

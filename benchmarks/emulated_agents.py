@@ -66,8 +66,12 @@ class EmulatedAgent:
         self.agent_id = None
         self.master_id = None
         self.registrations = 0
-        # (framework id, task id) -> [state, TaskInfo, executor id]; terminal tasks leave.
+        # (framework id, task id) -> [state, TaskInfo, executor id, its entry in a
+        # ReregisterAgent (kept up to date)]; terminal tasks leave.
         self.tasks: dict[tuple[str, str], list] = {}
+        self._changes = 0  # bumped when `tasks` change: the registration built is then stale
+        self._built = (None, None)  # (what it was built from, ReregisterAgent)
+        self._info = None
         self._finish_calls: dict[tuple[str, str], object] = {}
         self.registered = defer.Deferred()  # fires on the first registration
         self.link = MasterLink(
@@ -77,29 +81,35 @@ class EmulatedAgent:
             registration_timeout=pool.registration_timeout)
 
     def info(self) -> dict:
-        return {"hostname": f"emulated-{self.index}", "ip": "127.0.0.1",
-                "port": 40000 + self.index % 20000, "resources": self.pool.resources_json,
-                "attributes": [{"name": "index", "type": "TEXT",
-                                "text": {"value": str(self.index)}}]}
+        if self._info is None:
+            self._info = {"hostname": f"emulated-{self.index}", "ip": "127.0.0.1",
+                          "port": 40000 + self.index % 20000,
+                          "resources": self.pool.resources_json,
+                          "attributes": [{"name": "index", "type": "TEXT",
+                                          "text": {"value": str(self.index)}}]}
+        return self._info
 
     # --- registration ------------------------------------------------------------------
 
     def _registration(self, challenge: protocol.Challenge):
+        self.pool.challenges += 1
         proof = protocol.proof(self.pool.secret, challenge.nonce) if self.pool.secret else b""
         if self.agent_id is None:
             return protocol.RegisterAgent(info=self.info(), version=mj.MESOS_VERSION,
                                           proof=proof)
-        tasks, fids = [], set()
-        for (fid, tid), (state, task, eid) in self.tasks.items():
-            fids.add(fid)
-            tasks.append({"task_id": mj.ident(tid), "framework_id": mj.ident(fid),
-                          "executor_id": mj.ident(eid), "agent_id": mj.ident(self.agent_id),
-                          "name": task.get("name", ""), "state": state,
-                          "resources": task.get("resources") or [], "info": task})
+        # The same ReregisterAgent again, unless something changed (MasterLink asks for it
+        # on every unanswered attempt; 10,000 agents share this process, not their own).
+        key = (proof, self.agent_id, self._changes, self.pool.framework_changes)
+        if self._built[0] == key:
+            return self._built[1]
+        tasks = [record[3] for record in self.tasks.values()]
+        fids = {fid for fid, _ in self.tasks}
         frameworks = [self.pool.frameworks[f] for f in fids if f in self.pool.frameworks]
-        return protocol.ReregisterAgent(agent_id=self.agent_id, info=self.info(),
-                                        version=mj.MESOS_VERSION, tasks=tasks,
-                                        frameworks=frameworks, proof=proof)
+        msg = protocol.ReregisterAgent(agent_id=self.agent_id, info=self.info(),
+                                       version=mj.MESOS_VERSION, tasks=tasks,
+                                       frameworks=frameworks, proof=proof)
+        self._built = (key, msg)
+        return msg
 
     def _on_registered(self, msg: protocol.AgentRegistered) -> None:
         self.registrations += 1
@@ -141,8 +151,9 @@ class EmulatedAgent:
 
     def _framework(self, info: dict) -> None:
         fid = mj.id_of(info, "id", required=False)
-        if fid:
+        if fid and self.pool.frameworks.get(fid) != info:
             self.pool.frameworks[fid] = info
+            self.pool.framework_changes += 1
 
     def _run(self, framework: dict, task: dict, executor_id) -> None:
         fid, tid = framework["id"]["value"], task["task_id"]["value"]
@@ -151,7 +162,12 @@ class EmulatedAgent:
             return
         pool = self.pool
         pool.launched += 1
-        self.tasks[key] = ["TASK_STAGING", task, executor_id or tid]
+        eid = executor_id or tid
+        self.tasks[key] = ["TASK_STAGING", task, eid, {
+            "task_id": mj.ident(tid), "framework_id": mj.ident(fid), "executor_id": mj.ident(eid),
+            "agent_id": mj.ident(self.agent_id), "name": task.get("name", ""),
+            "state": "TASK_STAGING", "resources": task.get("resources") or [], "info": task}]
+        self._changes += 1
         self._update(key, "TASK_RUNNING")
         if pool.finish_after is not None:
             self._finish_calls[key] = pool.reactor.callLater(pool.finish_after, self._finish,
@@ -177,6 +193,8 @@ class EmulatedAgent:
     def _update(self, key, state: str) -> None:
         record = self.tasks[key]
         previous, record[0] = record[0], state
+        record[3]["state"] = state
+        self._changes += 1
         pool = self.pool
         if previous == "TASK_RUNNING":
             pool._running -= 1
@@ -191,6 +209,7 @@ class EmulatedAgent:
 
     def _forget(self, key) -> None:
         record = self.tasks.pop(key, None)
+        self._changes += 1
         if record is not None and record[0] == "TASK_RUNNING":
             self.pool._running -= 1
         call = self._finish_calls.pop(key, None)
@@ -226,6 +245,8 @@ class EmulatedAgents:
         self.registration_timeout = registration_timeout
         self.reconnect_initial = reconnect_initial
         self.frameworks: dict[str, dict] = {}  # framework id -> FrameworkInfo, as last sent
+        self.framework_changes = 0
+        self.challenges = 0  # registrations built (a Challenge answered, or a copy)
         self.launched = 0  # tasks received (RunTask or in a RunTaskGroup)
         self.acks = 0  # StatusUpdateAcks received
         self.updates_sent = 0

@@ -80,6 +80,9 @@ class Bench:
                           "loadavg_before": load_average()}
         self.stats = Stats()
         self.profiler = Profiler(args.profile, args.profile_rate)
+        # The agents' side of the same window (they share this process with the scheduler).
+        self.client_profiler = Profiler(args.profile and args.profile + "-agents",
+                                        args.profile_rate)
         self.zk = None
         self.masters: dict[int, MasterProcess] = {}  # port -> process
         self.leader = None  # (host, port) as ZooKeeper says
@@ -177,7 +180,11 @@ class Bench:
         standby = next(m for p, m in self.masters.items() if p != old[1])
         fig["master_rss_before_mb"] = round(leader.rss_mb())
         cpu0 = standby.cpu_seconds()
+        fig["standby_cpu_before_s"] = round(cpu0, 2)  # mostly mirroring the registry
         yield self.profiler.start(reactor, standby.pid, "failover")
+        yield self.client_profiler.start(reactor, os.getpid(), "failover")
+        client_cpu0 = self_cpu()
+        challenges0 = pool.challenges
         t_kill = time.monotonic()
         leader.kill()
         self.say(f"leader {old[0]}:{old[1]} SIGKILLed; {args.agents} agents hold {held} tasks")
@@ -215,10 +222,11 @@ class Bench:
             if "first_reregistered_s" not in fig and any(
                     n for mid, n in pool.masters().items() if mid != old_id):
                 fig["first_reregistered_s"] = round(time.monotonic() - t_kill, 3)
-            if time.monotonic() - last[0] >= args.report_every:
+            if time.monotonic() - last[0] >= args.report_every or moved():
                 last[0] = time.monotonic()
                 counts = {mid[-6:]: n for mid, n in pool.masters().items()}
-                self.say(f"re-registered so far: {counts}")
+                self.say(f"re-registered so far: {counts}; challenges answered since the "
+                         f"kill: {pool.challenges - challenges0}")
             return moved()
 
         yield wait_until(reactor, progress, args.timeout, "every agent to re-register",
@@ -227,7 +235,9 @@ class Bench:
         fig["reregistered_s"] = round(t_rereg - t_kill, 3)
         fig["reregister_s"] = round(t_rereg - t_elected, 3)
         fig["reregister_master_cpu_s"] = round(standby.cpu_seconds() - cpu0, 2)
+        fig["reregister_client_cpu_s"] = round(self_cpu() - client_cpu0, 2)
         yield self.profiler.stop("new leader, from the kill to every agent re-registered")
+        yield self.client_profiler.stop("this process (agents), the same window")
         self.say(f"all {args.agents} agents re-registered {fig['reregistered_s']}s after the "
                  f"kill ({fig['reregister_s']}s after the election)")
         yield sub_d
@@ -240,6 +250,8 @@ class Bench:
         metrics = json.loads(body)
         fig["active_agents"] = int(metrics.get("master/slaves_active", -1))
         fig["tasks_running"] = int(metrics.get("master/tasks_running", -1))
+        fig["reregistrations"] = int(metrics.get("master/slave_reregistrations", -1))
+        fig["dropped_registrations"] = int(metrics.get("master/dropped_registrations", -1))
         fig["held_tasks"] = held
         fig["master_rss_after_mb"] = round(standby.rss_mb())
 

@@ -623,7 +623,7 @@ class Profiler:
             proc.send_signal(signal.SIGINT)
         yield threads.deferToThread(proc.wait)
         if os.path.exists(self.path):
-            print(f"py-spy profile of the master, {phase} ({self.path}):", flush=True)
+            print(f"py-spy profile, {phase} ({self.path}):", flush=True)
             for line in summarize_profile(self.path):
                 print(line, flush=True)
         else:
@@ -926,7 +926,23 @@ def main(argv=None) -> int:
 
 
 def run_bench(reactor, bench) -> int:
-    """Run `bench.run()` under the reactor, then `bench.stop()`; 0 on success, else 1."""
+    """Run `bench.run()` under the reactor, then `bench.stop()`; 0 on success, else 1.
+
+    This process plays thousands of agents: it logs only warnings (to stderr), and its
+    collector gets the master's thresholds (master/service.py), so that it is not the
+    bottleneck it would be with a full collection every time its heap grows by a quarter.
+    """
+    import gc
+
+    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                                globalLogBeginner, textFileLogObserver)
+
+    from master.service import GC_THRESHOLDS
+
+    gc.set_threshold(*GC_THRESHOLDS)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stderr),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)])], redirectStandardIO=False)
     outcome = []
 
     def failed(f):

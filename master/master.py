@@ -25,6 +25,8 @@ log = Logger()
 
 DEFAULT_REFUSE_SECONDS = 5.0
 MAX_REFUSE_SECONDS = 365 * 86400.0
+#: How many distinct resource lists `Master.resources` remembers before it starts afresh.
+PARSED_RESOURCES_MAX = 4096
 
 
 class CallError(Exception):
@@ -71,13 +73,16 @@ class Master:
         # Agents the registry says were admitted, not yet re-registered with this master.
         self._recovering: dict[str, dict] = {}  # agent id -> AgentInfo
         self._reregister_call = None
+        self._recovered_at = 0.0
+        self._back = [0, 0]  # recovering agents (and their tasks) back since the last summary
+        self._back_call = None
         self.metrics = dict.fromkeys((
             "tasks_finished", "tasks_failed", "tasks_killed", "tasks_lost", "tasks_error",
             "tasks_dropped", "tasks_gone", "tasks_unreachable", "frameworks_removed",
             "slave_registrations", "slave_reregistrations", "slave_removals",
             "valid_status_updates", "invalid_status_updates", "messages_launch_tasks",
             "messages_decline_offers", "messages_kill_task", "outstanding_offers_made",
-            "allocation_runs", "dropped_messages"), 0)
+            "allocation_runs", "dropped_messages", "dropped_registrations"), 0)
         self._framework_seq = itertools.count()
         self._agent_seq = itertools.count()
         self._offer_seq = itertools.count()
@@ -85,6 +90,7 @@ class Master:
         self._burst = set()  # frameworks that got events this turn: they get a heartbeat
         self._burst_call = None
         self._loops: list = []
+        self._parsed: dict[str, Resources] = {}  # repr of a JSON resource list -> Resources
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -115,12 +121,18 @@ class Master:
             if fid not in self.frameworks:
                 fw = self._recover_framework(fid, record.get("info") or {})
                 fw.registered_time = record.get("registered_time", now)
+        self._recovered_at = now
         if self._recovering:
             log.info("Recovered {a} agents and {f} frameworks from the registry; agents have "
                      "{t}s to re-register", a=len(self._recovering),
                      f=len(records.get("frameworks", {})), t=self.agent_reregister_timeout)
             self._reregister_call = self.reactor.callLater(
                 self.agent_reregister_timeout, self._reregister_timed_out)
+
+    @property
+    def awaited_agents(self) -> int:
+        """How many agents the registry holds as admitted that have not re-registered yet."""
+        return len(self._recovering)
 
     def recovering_agents(self) -> dict:
         """agent id -> AgentInfo of agents still expected to re-register after a failover."""
@@ -179,7 +191,8 @@ class Master:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        for call in (self._allocation_call, self._burst_call, self._reregister_call):
+        for call in (self._allocation_call, self._burst_call, self._reregister_call,
+                     self._back_call):
             if call is not None and call.active():
                 call.cancel()
         for fw in self.frameworks.values():
@@ -200,6 +213,19 @@ class Master:
 
     def now(self) -> float:
         return self.reactor.seconds()
+
+    def resources(self, items) -> Resources:
+        """`Resources.from_json(items)` (ValueError if invalid), remembered by the list's repr:
+        agents and tasks repeat a few shapes, and parsing was a third of the master's work
+        when 10,000 agents re-registered with 100,000 tasks. Resources are immutable."""
+        key = repr(items)
+        found = self._parsed.get(key)
+        if found is None:
+            found = Resources.from_json(items)
+            if len(self._parsed) >= PARSED_RESOURCES_MAX:
+                self._parsed.clear()
+            self._parsed[key] = found
+        return found
 
     # --- sending ---------------------------------------------------------------------
 
@@ -578,7 +604,7 @@ class Master:
         if aid != agent.id:
             raise mj.InvalidMessage(f"Task uses agent {aid} but the offers are for {agent.id}")
         try:
-            resources = Resources.from_json(task.get("resources") or [])
+            resources = self.resources(task.get("resources") or [])
         except ValueError as e:
             raise mj.InvalidMessage(f"Invalid task resources: {e}") from None
         if not resources:
@@ -607,7 +633,7 @@ class Master:
                                         "running on this agent")
             return None
         try:
-            resources = Resources.from_json(info.get("resources") or [])
+            resources = self.resources(info.get("resources") or [])
         except ValueError as e:
             raise mj.InvalidMessage(f"Invalid executor resources: {e}") from None
         return Executor(id=eid, framework_id=fw.id,
@@ -639,7 +665,8 @@ class Master:
             if "executor" in task:
                 task = dict(task, executor=agent.executors[fw.id][record.executor_id].info)
             self.send_agent(agent, protocol.RunTask(framework=fw.info, task=task))
-        self.publish(mj.event("TASK_ADDED", {"task": self.task_view(record)}))
+        if self.operator_streams:
+            self.publish(mj.event("TASK_ADDED", {"task": self.task_view(record)}))
         return available - needed
 
     def _launch_group(self, fw, agent, body: dict, available, seen) -> Resources:
@@ -832,15 +859,28 @@ class Master:
 
     # --- agents ----------------------------------------------------------------------
 
-    def agent_connected(self, link) -> None:
-        """A new agent link: challenge it; it answers with (Re)RegisterAgent."""
+    def agent_connected(self, link, leading: bool = True) -> None:
+        """A new agent link: challenge it; it answers with (Re)RegisterAgent. `leading`:
+        this master will answer it (a follower ignores registrations)."""
         link.nonce = os.urandom(16)
         link.agent = None
-        link.send(protocol.Challenge(nonce=link.nonce, master_id=self.id))
+        link.registering = False  # a (re)registration from this link is being worked on
+        link.send(protocol.Challenge(nonce=link.nonce, master_id=self.id, leading=leading))
 
     def on_agent_message(self, link, msg) -> None:
         kind = type(msg)
         if kind is protocol.RegisterAgent or kind is protocol.ReregisterAgent:
+            # An agent sends its registration again on the same link while unanswered
+            # (agent/master_link.py): a copy is not a new registration.
+            if link.registering:
+                self.metrics["dropped_registrations"] += 1
+                return
+            agent = link.agent
+            if agent is not None and (kind is protocol.RegisterAgent or msg.agent_id == agent.id):
+                self.metrics["dropped_registrations"] += 1
+                link.send(protocol.AgentRegistered(agent_id=agent.id, master_id=self.id,
+                                                   ping_interval=self.agent_ping_timeout))
+                return
             if not protocol.check_proof(self.secret, link.nonce, msg.proof):
                 log.warn("Agent at {peer} failed the shared-secret handshake", peer=link._peer())
                 link.send(protocol.AgentRefused(message="Authentication failed: the agent's "
@@ -848,7 +888,7 @@ class Master:
                 link.close()
                 return
             try:
-                info, total = _agent_info(msg.info, link)
+                info, total = _agent_info(msg.info, link, self.resources)
             except ValueError as e:
                 link.send(protocol.AgentRefused(message=f"Invalid agent info: {e}"))
                 link.close()
@@ -880,12 +920,15 @@ class Master:
 
     def _register_agent(self, link, info: dict, total: Resources) -> None:
         agent_id = f"{self.id}-S{next(self._agent_seq)}"
+        link.registering = True
         d = self.registrar.admit(agent_id, info)
         d.addCallback(lambda _: self._admitted(link, agent_id, info, total))
-        d.addErrback(lambda f: (log.failure("Registry write failed", f),
+        d.addErrback(lambda f: (setattr(link, "registering", False),
+                                log.failure("Registry write failed", f),
                                 link.send(protocol.AgentRefused(message="registry failure"))))
 
     def _admitted(self, link, agent_id, info, total) -> None:
+        link.registering = False
         if not link.connected:
             return
         agent = Agent(id=agent_id, info=info, total=total, registered_time=self.now(),
@@ -896,7 +939,8 @@ class Master:
         self.metrics["slave_registrations"] += 1
         link.send(protocol.AgentRegistered(agent_id=agent_id, master_id=self.id,
                                            ping_interval=self.agent_ping_timeout))
-        self.publish(mj.event("AGENT_ADDED", {"agent": self.agent_view(agent)}))
+        if self.operator_streams:  # the view costs more than the rest of a re-registration
+            self.publish(mj.event("AGENT_ADDED", {"agent": self.agent_view(agent)}))
         log.info("Agent {aid} at {host}:{port} registered with {res}", aid=agent_id,
                  host=agent.hostname, port=agent.port, res=str(total))
         self.trigger_allocation()
@@ -912,11 +956,14 @@ class Master:
         if registered == ("admitted", info):  # already durable as it is: nothing to write
             self._readmitted(link, msg, info, total)
             return
+        link.registering = True
         d = self.registrar.admit(agent_id, info)
         d.addCallback(lambda _: self._readmitted(link, msg, info, total))
-        d.addErrback(lambda f: log.failure("Registry write failed", f))
+        d.addErrback(lambda f: (setattr(link, "registering", False),
+                                log.failure("Registry write failed", f)))
 
     def _readmitted(self, link, msg, info, total) -> None:
+        link.registering = False
         if not link.connected:
             return
         agent_id = msg.agent_id
@@ -946,14 +993,14 @@ class Master:
         agent.reregistered_time = self.now()
         link.agent = agent
         self._unreachable.pop(agent_id, None)
-        self._recovering.pop(agent_id, None)
+        recovering = self._recovering.pop(agent_id, None) is not None
         infos = {mj.id_of(f, "id", False): f for f in msg.frameworks if isinstance(f, dict)}
         shutdown = set()
         for ex in msg.executors:
             fid = mj.id_of(ex, "framework_id", False)
             eid = mj.id_of(ex, "executor_id", False)
             if fid and eid:
-                res = Resources.from_json(ex.get("resources") or [])
+                res = self.resources(ex.get("resources") or [])
                 agent.executors.setdefault(fid, {})[eid] = Executor(eid, fid, ex, res)
         for t in msg.tasks:
             fid, tid = mj.id_of(t, "framework_id", False), mj.id_of(t, "task_id", False)
@@ -972,7 +1019,7 @@ class Master:
                         executor_id=mj.id_of(t, "executor_id", False) or "",
                         info=t.get("info") or t, state=t.get("state", "TASK_STAGING"),
                         status=t.get("status"),
-                        resources=Resources.from_json(t.get("resources") or []))
+                        resources=self.resources(t.get("resources") or []))
             fw.unreachable_tasks.pop(tid, None)
             fw.tasks[tid] = task
             agent.tasks[(fid, tid)] = task
@@ -992,9 +1039,30 @@ class Master:
         for task in agent.tasks.values():
             if task.kill_requested and not mj.is_terminal(task.state):
                 link.send(protocol.KillTask(framework_id=task.framework_id, task_id=task.id))
-        self.publish(mj.event("AGENT_ADDED", {"agent": self.agent_view(agent)}))
-        log.info("Agent {aid} re-registered with {n} tasks", aid=agent_id, n=len(agent.tasks))
+        if self.operator_streams:  # the view costs more than the rest of a re-registration
+            self.publish(mj.event("AGENT_ADDED", {"agent": self.agent_view(agent)}))
+        if recovering:  # one line a second while thousands come back, not one each
+            self._back[0] += 1
+            self._back[1] += len(agent.tasks)
+            if self._back_call is None:
+                self._back_call = self.reactor.callLater(1.0, self._log_back)
+            if not self._recovering:
+                self._log_back()
+        else:
+            log.info("Agent {aid} re-registered with {n} tasks", aid=agent_id,
+                     n=len(agent.tasks))
         self.trigger_allocation()
+
+    def _log_back(self) -> None:
+        if self._back_call is not None and self._back_call.active():
+            self._back_call.cancel()
+        self._back_call = None
+        (agents, tasks), self._back = self._back, [0, 0]
+        log.info("{n} agents re-registered with {t} tasks; {left} of those in the registry "
+                 "still expected", n=agents, t=tasks, left=len(self._recovering))
+        if not self._recovering:
+            log.info("Every agent in the registry is back, {s:.2f}s after recovery",
+                     s=self.now() - self._recovered_at)
 
     def _recover_framework(self, fid: str, info: dict) -> Framework:
         info = dict(info, id=mj.ident(fid))
@@ -1272,10 +1340,10 @@ def _executor_key(info: dict):
             info.get("type", "CUSTOM"))
 
 
-def _agent_info(info, link) -> tuple[dict, Resources]:
+def _agent_info(info, link, parse) -> tuple[dict, Resources]:
     if not isinstance(info, dict):
         raise ValueError("agent info must be a map")
-    total = Resources.from_json(info.get("resources") or [])
+    total = parse(info.get("resources") or [])
     info = dict(info)
     if not info.get("ip"):
         try:

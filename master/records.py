@@ -135,14 +135,14 @@ class Agent:
 
     def used(self) -> dict:
         """framework id -> resources its live tasks and executors hold here."""
-        used: dict = {}
+        held: dict = {}
         for task in self.tasks.values():
             if not task.resources_recovered:
-                used[task.framework_id] = used.get(task.framework_id, Resources()) + task.resources
+                held.setdefault(task.framework_id, []).append(task.resources)
         for fid, executors in self.executors.items():
             for ex in executors.values():
-                used[fid] = used.get(fid, Resources()) + ex.resources
-        return used
+                held.setdefault(fid, []).append(ex.resources)
+        return {fid: Resources.sum(parts) for fid, parts in held.items()}
 
 
 @attrs.define(eq=False)

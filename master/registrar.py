@@ -33,6 +33,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from master.mirror import RegistryMirror
+
 log = Logger()
 
 KINDS = ("agents", "frameworks", "weights")
@@ -140,9 +142,18 @@ class ZooKeeperRegistry(MemoryRegistry):
     `path` must not be the election path (its only children may be `json.info_*`); the
     master uses `<election path>_registry`. `new_session()` makes an unstarted
     `agora.zookeeper.Session`; a session that ZooKeeper expired is replaced by a new one at
-    the next `start()` or `load()` (a follower may outlive several before it leads).
+    the next `start()` or `load()` (a follower may outlive several before it leads), and,
+    while the registry is mirrored, a second after it is lost.
     `on_session(state, reason)` hears the current session's state changes.
+
+    From `start()` until `load()`, the records are mirrored (`master/mirror.py`): a standby
+    master reads them all and follows every change, so `load()` on election waits only
+    until the mirror has caught up, not for a read of every znode. Only the leader writes,
+    so `load()` then stops mirroring; a later `load()` reads everything afresh.
     """
+
+    #: Seconds between attempts to open a new session for the mirror after one was lost.
+    RETRY_DELAY = 1.0
 
     def __init__(self, new_session, path: str, on_session=lambda state, reason: None):
         super().__init__()
@@ -150,6 +161,9 @@ class ZooKeeperRegistry(MemoryRegistry):
         self.on_session = on_session
         self.session = None
         self.path = path.rstrip("/")
+        self.mirror: RegistryMirror | None = None
+        self._mirroring = False  # between start() and load(): keep a mirror going
+        self._retry_call = None
 
     def _connect(self) -> defer.Deferred:
         session = self.session
@@ -157,17 +171,41 @@ class ZooKeeperRegistry(MemoryRegistry):
             return defer.succeed(None)
         session = self.session = self.new_session()
         session.add_listener(lambda state, reason: session is self.session and
-                             self.on_session(state, reason))
+                             self._session_changed(state, reason))
         d = session.start()
         return d.addCallback(lambda _: session.run(self._ensure_paths))
+
+    def _session_changed(self, state: str, reason: str | None) -> None:
+        self.on_session(state, reason)
+        if state == "LOST" and self._mirroring:
+            self._retry_mirror()
+
+    def _retry_mirror(self) -> None:
+        if self._retry_call is not None and self._retry_call.active():
+            return
+        reactor = self.session.reactor
+
+        def retry():
+            self._retry_call = None
+            if self._mirroring:
+                self.start().addErrback(lambda f: self._mirroring and self._retry_mirror())
+
+        self._retry_call = reactor.callLater(self.RETRY_DELAY, retry)
 
     def _znode(self, kind: str, key: str) -> str:
         return f"{self.path}/{kind}/{urllib.parse.quote(key, safe='')}"
 
     def start(self) -> defer.Deferred:
-        return self._connect()
+        """Connect, and start mirroring the records (the Deferred does not wait for that)."""
+        self._mirroring = True
+        return self._connect().addCallback(lambda _: self._mirror())
 
     def close(self):
+        self._mirroring = False
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        if self.mirror is not None:
+            self.mirror.stop()
         session, self.session = self.session, None
         return session.stop() if session is not None else None
 
@@ -175,31 +213,27 @@ class ZooKeeperRegistry(MemoryRegistry):
         for kind in KINDS:
             self.session.client.ensure_path(f"{self.path}/{kind}")
 
+    def _mirror(self) -> RegistryMirror:
+        """The running mirror of the current session (started if there is none)."""
+        mirror = self.mirror
+        if mirror is None or not mirror.alive or mirror.session is not self.session:
+            if mirror is not None:
+                mirror.stop()
+            mirror = self.mirror = RegistryMirror(self.session, self.path, KINDS, _decode)
+            mirror.start()
+        return mirror
+
     def load(self) -> defer.Deferred:
+        self._mirroring = False
         d = self._connect()
-        d.addCallback(lambda _: self.session.run(self._read))
+        d.addCallback(lambda _: self._mirror().caught_up())
 
         def loaded(records):
+            self.mirror.stop()  # only the leader writes: from now on it knows every change
             self.records = records
             return MemoryRegistry.load(self)
 
         return d.addCallback(loaded)
-
-    def _read(self) -> dict:  # in the thread pool
-        client = self.session.client
-        records = {kind: {} for kind in KINDS}
-        for kind in KINDS:
-            parent = f"{self.path}/{kind}"
-            client.sync(parent)
-            for child in client.get_children(parent):
-                try:
-                    data, _ = client.get(f"{parent}/{child}")
-                except Exception as e:  # deleted since listed
-                    if type(e).__name__ == "NoNodeError":
-                        continue
-                    raise
-                records[kind][urllib.parse.unquote(child)] = _decode(kind, data)
-        return records
 
     def apply(self, ops: list) -> defer.Deferred:
         # Only the batch's own keys matter (create or set?): not a set of every record.

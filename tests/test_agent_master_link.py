@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.internet.error import ConnectionAborted
+from twisted.python.failure import Failure
+
 from agent_harness import agent_reactor, make_cluster, process_alive, wait_for  # noqa: F401
 
 from agora import protocol
@@ -124,3 +127,133 @@ def test_an_ignored_reregistration_is_retried_within_seconds(make_cluster):
     wait_for(lambda: len(c.master.of(protocol.ReregisterAgent)) >= 2, 4,
              what="a second ReregisterAgent")
     wait_for(lambda: c.agent.registered, what="re-registration")
+    assert c.master.connections == 2  # the copy came on the same connection
+
+
+# --- MasterLink alone, on a fake clock and in-memory transports -----------------------------
+
+def _link_under_test(registration, **options):
+    """A started MasterLink on a MemoryReactorClock; (reactor, MasterLink, registered list)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from agent.master_link import MasterLink
+
+    reactor, registered = MemoryReactorClock(), []
+    link = MasterLink(reactor, "127.0.0.1", 5050, registration=registration,
+                      on_registered=registered.append, on_message=lambda msg: None, **options)
+    link.start()
+    return reactor, link, registered
+
+
+def _accept(reactor):
+    """Make the latest connection: (the agent's Link, its in-memory transport)."""
+    from twisted.internet.testing import StringTransport
+
+    factory = reactor.tcpClients[-1][2]
+    proto, transport = factory.buildProtocol(None), StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def _sent(transport):
+    data = transport.value()
+    assert data.startswith(protocol.PREFIX)
+    return protocol.Decoder().feed(data[len(protocol.PREFIX):])
+
+
+def test_an_unanswered_registration_is_sent_again_on_the_same_connection():
+    """No answer within 1 s, then 2 s: the registration goes again on the same link (the
+    master keeps its place in the queue); once answered, nothing more is sent."""
+    reg = protocol.ReregisterAgent(agent_id="a1", info={}, version="1.11.0")
+    reactor, link, registered = _link_under_test(lambda challenge: reg)
+    proto, transport = _accept(reactor)
+    proto.dataReceived(protocol.encode([protocol.Challenge(nonce=b"n", master_id="m")]))
+    reactor.advance(0)
+    assert _sent(transport) == [reg]
+    reactor.advance(1.0)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg]
+    reactor.advance(1.9)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg]  # the second wait is 2 s
+    reactor.advance(0.1)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg, reg]
+    assert len(reactor.tcpClients) == 1 and not transport.disconnecting
+    proto.dataReceived(protocol.encode([protocol.AgentRegistered("a1", "m", 0.0)]))
+    reactor.advance(100)
+    assert _sent(transport) == [reg, reg, reg] and registered and link.registered
+
+
+def test_a_master_that_never_challenges_gets_a_new_connection():
+    """A link on which the Challenge does not arrive within the whole registration timeout
+    (10 s: a busy master may take seconds to get to it) is dropped."""
+    reactor, link, _ = _link_under_test(lambda challenge: None)
+    proto, transport = _accept(reactor)
+    reactor.advance(9.9)
+    assert not transport.disconnecting
+    reactor.advance(0.1)
+    assert transport.disconnecting or transport.disconnected
+
+
+def test_a_leading_master_is_given_the_whole_timeout_before_a_copy():
+    """A master whose Challenge says it leads answers however long its queue: the agent
+    sends no copy for 10 s (a busy new leader is not sent thousands of them)."""
+    reg = protocol.ReregisterAgent(agent_id="a1", info={}, version="1.11.0")
+    reactor, link, _ = _link_under_test(lambda challenge: reg)
+    proto, transport = _accept(reactor)
+    proto.dataReceived(protocol.encode([protocol.Challenge(b"n", "m", leading=True)]))
+    reactor.advance(0)
+    reactor.advance(9.9)
+    reactor.advance(0)
+    assert _sent(transport) == [reg]
+    reactor.advance(0.1)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg] and len(reactor.tcpClients) == 1
+
+
+def test_a_new_leader_is_reached_after_a_random_share_of_the_spread():
+    """Told of a new leader, the agent drops the old link at once and connects within
+    NEW_MASTER_SPREAD (here after 0.3 of it), so that 10,000 agents do not all arrive in the
+    same instant; the new link re-registers."""
+    reg = protocol.ReregisterAgent(agent_id="a1", info={}, version="1.11.0")
+    reactor, link, _ = _link_under_test(lambda challenge: reg, rand=lambda: 0.3)
+    proto, transport = _accept(reactor)
+    proto.dataReceived(protocol.encode([protocol.Challenge(b"n", "m", leading=True)]))
+    proto.dataReceived(protocol.encode([protocol.AgentRegistered("a1", "m", 0.0)]))
+    link.set_master("127.0.0.2", 5050)
+    assert transport.disconnecting or transport.disconnected
+    proto.connectionLost(Failure(ConnectionAborted()))
+    reactor.advance(0.29)
+    assert len(reactor.tcpClients) == 1 and not link.registered
+    reactor.advance(0.01)
+    assert reactor.tcpClients[-1][:2] == ("127.0.0.2", 5050) and len(reactor.tcpClients) == 2
+
+
+def test_a_new_leader_during_a_connection_attempt_gets_one_connection():
+    """Told of a new leader while still trying the old one, the agent abandons that attempt
+    and makes exactly one connection to the new leader."""
+    reactor, link, _ = _link_under_test(lambda challenge: None, rand=lambda: 0.5)
+    connector = reactor.connectors[-1]
+    link._connector = connector  # MemoryReactor's connectors report no state of their own
+    connector.state = "connecting"
+    connector.stopConnecting = lambda: link._connection_failed(Failure(ConnectionAborted()))
+    link.set_master("127.0.0.2", 5050)
+    reactor.advance(5)
+    assert [c[:2] for c in reactor.tcpClients] == [("127.0.0.1", 5050), ("127.0.0.2", 5050)]
+
+
+def test_a_second_challenge_as_a_follower_gets_the_registration_again_and_short_waits():
+    """A master that challenged as leader and then cannot answer challenges again as a
+    follower: the agent sends its registration at once, then again after 1 s, not 10 s."""
+    reg = protocol.ReregisterAgent(agent_id="a1", info={}, version="1.11.0")
+    reactor, link, _ = _link_under_test(lambda challenge: reg)
+    proto, transport = _accept(reactor)
+    proto.dataReceived(protocol.encode([protocol.Challenge(b"n", "m", leading=True)]))
+    reactor.advance(0)
+    proto.dataReceived(protocol.encode([protocol.Challenge(b"n", "m", leading=False)]))
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg]
+    reactor.advance(1.0)
+    reactor.advance(0)
+    assert _sent(transport) == [reg, reg, reg]

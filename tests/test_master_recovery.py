@@ -59,18 +59,22 @@ def old(clock, registry):
     return m, agent_id, fw1, fw2
 
 
-def reregister(master, clock, agent_id, tasks, frameworks):
-    link = FakeLink()
-    master.agent_connected(link)
-    master.on_agent_message(link, protocol.ReregisterAgent(
+def reregistration(agent_id, tasks, frameworks, hostname="h1"):
+    return protocol.ReregisterAgent(
         agent_id=agent_id, version="test",
-        info={"hostname": "h1", "port": 5051,
+        info={"hostname": hostname, "port": 5051,
               "resources": Resources.parse("cpus:4;mem:1024").to_json()},
         tasks=[{"task_id": {"value": tid}, "framework_id": {"value": fw.id},
                 "executor_id": {"value": tid}, "state": "TASK_RUNNING",
                 "resources": Resources.parse("cpus:1;mem:64").to_json()}
                for tid, fw in tasks],
-        frameworks=[fw.info for fw in frameworks]))
+        frameworks=[fw.info for fw in frameworks])
+
+
+def reregister(master, clock, agent_id, tasks, frameworks):
+    link = FakeLink()
+    master.agent_connected(link)
+    master.on_agent_message(link, reregistration(agent_id, tasks, frameworks))
     clock.advance(0)  # the registry write
     return link
 
@@ -265,4 +269,140 @@ def test_an_elected_master_serves_only_once_it_has_read_the_registry(clock):
     pending.callback({"agents": {}, "frameworks": {}, "weights": {}})
     assert held == ["registration"] and svc.leading
     assert not svc._after_recovery(lambda: None)
+    svc.master.stop()
+
+
+def test_copies_of_a_reregistration_are_not_taken_again(clock, registry, old):
+    """Copies of a ReregisterAgent on its link (the agent re-sends an unanswered one) are
+    dropped while it is in flight and answered again once it is done: one re-registration."""
+    _, agent_id, fw1, fw2 = old
+    m = new_master(clock, registry)
+    link = FakeLink()
+    m.agent_connected(link)
+    msg = reregistration(agent_id, [("t1", fw1), ("t2", fw2)], [fw1, fw2], hostname="h2")
+    m.on_agent_message(link, msg)  # its info changed: a registry write is on its way
+    m.on_agent_message(link, msg)
+    clock.advance(0)
+    assert len(link.of(protocol.AgentRegistered)) == 1
+    task = m.frameworks[fw1.id].tasks["t1"]
+    m.on_agent_message(link, msg)  # crossed the answer
+    assert [r.agent_id for r in link.of(protocol.AgentRegistered)] == [agent_id] * 2
+    assert m.metrics["slave_reregistrations"] == 1 and m.metrics["dropped_registrations"] == 2
+    assert m.frameworks[fw1.id].tasks["t1"] is task
+    m.stop()
+
+
+def ha_service(clock, leading: bool, load=None):
+    """A MasterService with --zk whose election says `leading` (and the registry `load()`)."""
+    import types
+
+    from master.service import MasterService
+
+    svc = MasterService(clock, zk="zk://127.0.0.1:1/agora", registry="in_memory")
+    if load is not None:
+        svc.registry.load = load
+    svc.election = types.SimpleNamespace(leading=leading, leader=None)
+    if leading:
+        svc._leading_changed(True)
+    return svc
+
+
+def agent_link(svc, clock):
+    """A connection from an agent to the service's agent port: (its link, the Challenge)."""
+    from twisted.internet.testing import StringTransport
+
+    from master.service import AgentLinkFactory
+
+    factory = AgentLinkFactory(svc.master, lambda: svc.leading, svc._after_recovery,
+                               answering=svc._answering)
+    link, transport = factory.buildProtocol(None), StringTransport()
+    link.makeConnection(transport)
+    clock.advance(0)
+    [challenge] = protocol.Decoder().feed(transport.value())
+    return link, challenge
+
+
+def test_registrations_held_for_the_registry_are_held_once_per_link(clock):
+    """While the elected master reads its registry, an agent's copies of the registration it
+    holds are dropped; the registration is handled once, after recovery."""
+    from twisted.internet import defer
+
+    pending = defer.Deferred()
+    svc = ha_service(clock, True, load=lambda: pending)
+    link, challenge = agent_link(svc, clock)
+    assert challenge.leading  # elected: it will answer, the agent need not send copies
+    register = protocol.RegisterAgent(
+        info={"hostname": "h1", "port": 5051,
+              "resources": Resources.parse("cpus:4;mem:1024").to_json()}, version="test")
+    link.dataReceived(protocol.PREFIX + protocol.encode([register, register]))
+    link.dataReceived(protocol.encode([register]))
+    assert svc.master.metrics["dropped_registrations"] == 2 and not svc.master.agents
+    pending.callback({"agents": {}, "frameworks": {}, "weights": {}})
+    clock.advance(0)  # the registry write
+    assert len(svc.master.agents) == 1 and svc.master.metrics["slave_registrations"] == 1
+    svc.master.stop()
+
+
+def test_a_follower_challenges_as_a_follower_and_ignores_registrations(clock):
+    """A follower's Challenge says it does not lead (the agent then re-sends after a second,
+    in case it leads by then); the registration is ignored, as Mesos does."""
+    svc = ha_service(clock, False)
+    link, challenge = agent_link(svc, clock)
+    assert not challenge.leading
+    link.dataReceived(protocol.PREFIX + protocol.encode([protocol.RegisterAgent(
+        info={"hostname": "h1", "port": 5051, "resources": []}, version="test")]))
+    clock.advance(0)
+    assert not svc.master.agents and not svc.master.registrar.agents()
+
+
+def test_the_collector_rests_while_the_registry_s_agents_come_back(clock):
+    """A new leader turns the cyclic collector off until the agents it expects are back (or
+    GC_PAUSE_MAX has passed), then freezes what they brought and turns it on again."""
+    import gc
+
+    from twisted.internet import defer
+
+    from master import service
+
+    info = {"hostname": "h1", "port": 5051, "ip": "127.0.0.1",
+            "resources": Resources.parse("cpus:4;mem:1024").to_json()}
+    records = {"agents": {"a1": ("admitted", info), "a2": ("admitted", info)},
+               "frameworks": {}, "weights": {}}
+    try:
+        for comes_back in (True, False):
+            svc = ha_service(clock, True, load=lambda: defer.succeed(records))
+            assert not gc.isenabled() and svc.master.awaited_agents == 2
+            if comes_back:
+                for agent_id in ("a1", "a2"):
+                    link = FakeLink()
+                    svc.master.agent_connected(link)
+                    svc.master.on_agent_message(link, protocol.ReregisterAgent(
+                        agent_id=agent_id, info=info, version="test"))
+                clock.advance(service.GC_PAUSE_CHECK)
+            else:
+                clock.advance(service.GC_PAUSE_MAX - service.GC_PAUSE_CHECK)
+                assert not gc.isenabled()
+                clock.advance(service.GC_PAUSE_CHECK)
+            assert gc.isenabled(), comes_back
+            svc.master.stop()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_a_leader_that_stops_leading_tells_agents_it_challenged_as_leader(clock):
+    """A registration that a leader must ignore (its ZooKeeper session is suspended) is not
+    left to the agent's 10 s wait: the link is challenged again as a follower's, once."""
+    svc = ha_service(clock, True)
+    link, challenge = agent_link(svc, clock)
+    assert challenge.leading and svc.leading
+    svc.election.leading = False  # suspended
+    register = protocol.RegisterAgent(
+        info={"hostname": "h1", "port": 5051, "resources": []}, version="test")
+    link.dataReceived(protocol.PREFIX + protocol.encode([register]))
+    link.dataReceived(protocol.encode([register]))
+    clock.advance(0)
+    sent = protocol.Decoder().feed(link.transport.value())
+    assert sent == [challenge, protocol.Challenge(challenge.nonce, challenge.master_id)]
+    assert not svc.master.agents
     svc.master.stop()

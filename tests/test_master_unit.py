@@ -268,3 +268,21 @@ def test_subscribe_accepts_hierarchical_roles(master):
     """Roles such as '*', 'eng' and 'eng/web' are accepted."""
     for role in ("*", "eng", "eng/web"):
         master.validate_subscribe({"subscribe": {"framework_info": {"user": "u", "role": role}}})
+
+
+def test_a_copy_of_a_first_registration_admits_the_agent_once(master, clock):
+    """RegisterAgent sent again on its link (unanswered, or crossing the answer) admits one
+    agent under one id, and a copy after the answer gets the same AgentRegistered."""
+    link = FakeLink()
+    master.agent_connected(link)
+    msg = protocol.RegisterAgent(
+        info={"hostname": "h1", "port": 5051,
+              "resources": Resources.parse("cpus:4;mem:1024").to_json()}, version="test")
+    master.on_agent_message(link, msg)
+    master.on_agent_message(link, msg)
+    clock.advance(0)  # the registry write
+    master.on_agent_message(link, msg)
+    answers = link.of(protocol.AgentRegistered)
+    assert len(answers) == 2 and answers[0] == answers[1]
+    assert list(master.agents) == [answers[0].agent_id]
+    assert list(master.registrar.agents()) == [answers[0].agent_id]

@@ -209,3 +209,70 @@ def test_sqlite_registry_takes_over_the_old_agents_table(tmp_path):
     assert registry.agents == {"a1": ("gone", AGENT)}
     registry.close()
     assert SQLiteRegistry(path).agents == {"a1": ("gone", AGENT)}
+
+
+def zk_registry(reactor, hosts: str, path: str) -> ZooKeeperRegistry:
+    registry = ZooKeeperRegistry(lambda: zk.Session(reactor, hosts, timeout=4.0), path)
+    blockingCallFromThread(reactor, registry.start)
+    return registry
+
+
+def close(reactor, *registries):
+    for registry in registries:
+        blockingCallFromThread(reactor, lambda r=registry: defer.maybeDeferred(r.close))
+
+
+def test_a_standby_mirrors_the_registry_and_its_load_reads_only_what_changed(reactor,
+                                                                             zk_server):
+    """A started ZooKeeper registry follows the leader's writes; load() after a change reads
+    that change, not every record again."""
+    path = f"/agora-{uuid.uuid4().hex[:8]}_registry"
+    leader = zk_registry(reactor, zk_server.address, path)
+    blockingCallFromThread(reactor, leader.load)  # the leader writes from here on
+    registrar = Registrar(reactor, leader)
+    standby = zk_registry(reactor, zk_server.address, path)
+    try:
+        def write(*calls):
+            blockingCallFromThread(reactor, lambda: defer.gatherResults(
+                [getattr(registrar, name)(*args) for name, *args in calls]))
+
+        write(*[("admit", f"a{i}", AGENT) for i in range(50)], ("set_weight", "web", 2.0))
+        wait_for(lambda: len(standby.mirror.records["agents"]) == 50, what="the mirror")
+        assert standby.mirror.records["weights"] == {"web": 2.0}
+        reads = standby.mirror.reads
+        write(("mark", "a7", "gone", AGENT), ("remove", "a8"),
+              ("put_framework", "fw-1", FW, 12.5))
+        records = blockingCallFromThread(reactor, standby.load)
+        assert records["agents"]["a7"] == ("gone", AGENT)
+        assert "a8" not in records["agents"] and len(records["agents"]) == 49
+        assert records["frameworks"] == {"fw-1": {"info": FW, "registered_time": 12.5}}
+        assert standby.mirror.reads - reads <= 3  # a7 and fw-1 (and a8, if still listed)
+        assert standby.mirror.stopped  # the new leader is the only writer now
+    finally:
+        close(reactor, standby, leader)
+
+
+def test_a_standby_elected_right_after_a_write_sees_it(reactor, zk_server):
+    """load() waits for the watch events of writes committed before it was called: an agent
+    marked gone a moment before the standby took over is gone for the new leader."""
+    path = f"/agora-{uuid.uuid4().hex[:8]}_registry"
+    leader = zk_registry(reactor, zk_server.address, path)
+    blockingCallFromThread(reactor, leader.load)
+    registrar = Registrar(reactor, leader)
+    try:
+        blockingCallFromThread(reactor, lambda: defer.gatherResults(
+            [registrar.admit(f"a{i}", AGENT) for i in range(20)]))
+        for round_ in range(5):
+            standby = zk_registry(reactor, zk_server.address, path)
+            wait_for(lambda: len(standby.mirror.records["agents"]) == 20, what="the mirror")
+            gone = f"a{round_}"
+
+            def mark_then_load():  # the write is durable, and at once the standby loads
+                d = registrar.mark(gone, "gone", AGENT)
+                return d.addCallback(lambda _: standby.load())
+
+            records = blockingCallFromThread(reactor, mark_then_load)
+            assert records["agents"][gone] == ("gone", AGENT), round_
+            close(reactor, standby)
+    finally:
+        close(reactor, leader)

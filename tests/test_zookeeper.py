@@ -284,6 +284,46 @@ def test_leader_survives_losing_its_zookeeper_server(ensemble, candidates):
         client.close()
 
 
+def test_registry_mirror_reads_everything_again_after_reconnecting(ensemble, zk_reactor):
+    """A standby's registry mirror loses its watches with its server: written meanwhile (and
+    after), an agent marked gone is still gone when the standby loads the registry."""
+    from twisted.internet import defer
+
+    from master.registrar import Registrar, ZooKeeperRegistry
+
+    def registry(path):
+        r = ZooKeeperRegistry(lambda: zk.Session(zk_reactor, ensemble.hosts, timeout=6.0), path)
+        blockingCallFromThread(zk_reactor, r.start)
+        return r
+
+    path = f"/agora-{uuid.uuid4().hex[:8]}_registry"
+    leader = registry(path)
+    blockingCallFromThread(zk_reactor, leader.load)
+    registrar = Registrar(zk_reactor, leader)
+    info = {"hostname": "h", "port": 5051, "resources": []}
+    standby = registry(path)
+    try:
+        blockingCallFromThread(zk_reactor, lambda: defer.gatherResults(
+            [registrar.admit(f"a{i}", info) for i in range(10)]))
+        wait_for(lambda: len(standby.mirror.records["agents"]) == 10, what="the mirror")
+        mirror, reads = standby.mirror, standby.mirror.reads
+        server = wait_for(lambda: connected_server(ensemble, standby.session.client.client_id[0]),
+                          5, what="the standby's server")
+        server.stop()
+        blockingCallFromThread(zk_reactor, lambda: registrar.mark("a3", "gone", info))
+        wait_for(lambda: standby.session.state == zk.CONNECTED and mirror.reads >= reads + 10,
+                 10, what="the mirror to reconnect and read everything again")
+        blockingCallFromThread(zk_reactor, lambda: registrar.mark("a4", "gone", info))
+        records = blockingCallFromThread(zk_reactor, standby.load)
+        assert standby.mirror is mirror  # the same session, reconnected
+        assert records["agents"]["a3"][0] == "gone" and records["agents"]["a4"][0] == "gone"
+        assert [k for k, (state, _) in records["agents"].items() if state == "gone"] in (
+            ["a3", "a4"], ["a4", "a3"])
+    finally:
+        for r in (standby, leader):
+            blockingCallFromThread(zk_reactor, lambda r=r: defer.maybeDeferred(r.close))
+
+
 def test_session_start_fails_clearly_when_no_server_answers(zk_reactor):
     """Connecting to a port where no ZooKeeper listens fails within the connect timeout,
     with a message naming the hosts."""

@@ -853,6 +853,8 @@ class Allocator:
     def _role_for(self, fw: _Framework, resources: Resources, role: str | None) -> str:
         if role is not None:
             return role
+        if len(fw.roles) == 1:  # what the rules below give, without looking at reservations
+            return fw.roles[0]
         reserved = {r.role for r in resources.reserved()}
         for r in fw.roles:
             if r in reserved:
