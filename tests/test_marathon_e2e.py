@@ -1,43 +1,47 @@
-"""Marathon end to end: a real master, three real agents (hostnames node-a, node-b, node-c)
-and `agora marathon` as processes, driven with the real marathon 0.13 client; tasks are real
-`python3 -m http.server` processes that Marathon health-checks over HTTP."""
+"""Marathon end to end: `agora local` with three agents (127.0.0.1, .2 and .3, each its own
+hostname and ports) and its Marathon, driven with the real marathon 0.13 client; tasks are
+real `python3 -m http.server` processes that Marathon health-checks over HTTP."""
 
+import glob
 import os
 import subprocess
 import sys
 
+import marathon as marathon_client
 import pytest
 from marathon.exceptions import MarathonHttpError, NotFoundError
 from marathon.models import MarathonApp, MarathonConstraint, MarathonHealthCheck
 
-from tests.cluster import REPO, AgentProcess, LocalCluster, MasterProcess, processes_with, \
-    wait_for
-from tests.marathon_harness import EventLog, MarathonProcess, request, settled
+from tests.cluster import REPO, LocalCluster, processes_with, wait_for
+from tests.images import busybox_images  # noqa: F401  (fixture)
+from tests.marathon_harness import FAST, EventLog, request, settled
 
-HOSTS = ("node-a", "node-b", "node-c")
-SERVE = "exec python3 -m http.server --bind 127.0.0.1 $PORT0"
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+SERVE = "exec python3 -m http.server --bind $HOST $PORT0"
+
+
+class LocalMarathon:
+    """The Marathon `agora local` started: its URL and a client."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.client = marathon_client.MarathonClient([url])
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """`agora local --agents 3` with its Marathon (quick timings); every task gone after."""
     tmp = tmp_path_factory.mktemp("marathon")
-    master = MasterProcess(tmp)
-    agents = []
-    marathon_ = None
+    local = LocalCluster(tmp, agents=3, marathon=True,
+                         args=["--resources", "cpus:2;mem:2048;disk:2048", "--marathon-port",
+                               "0", *FAST])
     try:
-        for k, host in enumerate(HOSTS):
-            # Disjoint port ranges: the three agents share this machine's ports.
-            agents.append(AgentProcess(tmp, master.address, name=f"agent-{host}", args=[
-                "--hostname", host,
-                "--resources", f"cpus:2;mem:2048;disk:2048;ports:[{24000 + 1000 * k}-"
-                               f"{24999 + 1000 * k}]"]))
-        wait_for(lambda: len([s for s in master.state()["slaves"] if s["active"]]) == 3,
-                 what="3 agents")
-        marathon_ = MarathonProcess(tmp, master.address)
-        yield master, agents, marathon_
+        lines = local.read_banner_lines(4)
+        url = next(line.split("marathon: ", 1)[1].split()[0] for line in lines
+                   if "marathon: " in line)
+        yield local, None, LocalMarathon(url)
     finally:
-        for p in ([marathon_] if marathon_ else []) + agents + [master]:
-            p.stop()
+        local.stop()
     assert wait_for(lambda: not processes_with(str(tmp)), timeout=20,
                     what="every task to be gone")
 
@@ -423,3 +427,33 @@ def test_group_methods_of_the_client(cluster):
     wait_for(lambda: "/g" not in [g.id for g in c.list_groups()], timeout=30, what="gone")
     status, body, _ = request(m.url + "/v2/leader", "DELETE")
     assert status == 400  # without --zk there is nobody to abdicate to
+
+
+def test_an_app_in_a_docker_image_runs_in_our_containerizer(cluster, busybox_images):
+    """container DOCKER with an image from a real registry: the instances run in the image
+    (its files, its own PID namespace), with no Docker daemon."""
+    from marathon.models.container import MarathonContainer, MarathonDockerContainer
+
+    local, _, m = cluster
+    app = MarathonApp(cmd="cat /etc/agora-image; echo pid=$$; exec sleep 600", cpus=0.1,
+                      mem=32, instances=2, container=MarathonContainer(
+                          type="DOCKER",
+                          docker=MarathonDockerContainer(image=busybox_images.v2s2_name)))
+    assert m.client.create_app("boxed", app) is not False
+    try:
+        tasks = wait_for(lambda: settled(m.client, "/boxed", 2), timeout=60,
+                         what="2 instances in the image").tasks
+
+        def outputs():
+            found = []
+            for task in tasks:
+                found += glob.glob(os.path.join(local.work_dir, "agent*", "slaves", "*",
+                                                "frameworks", "*", "executors", task.id,
+                                                "runs", "latest", "stdout"))
+            texts = [open(p).read() for p in found]
+            return len(texts) == 2 and all("pid=" in t for t in texts) and texts
+
+        for text in wait_for(outputs, what="the instances' output"):
+            assert text.splitlines()[:2] == ["busybox", "pid=2"]
+    finally:
+        m.client.delete_app("boxed", force=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 
+from twisted.internet import threads
 from twisted.logger import Logger
 
 log = Logger()
@@ -97,13 +98,21 @@ class Driver:
         # `agora local` the master is served by this very reactor).
         self.call("start")
 
-    def stop(self) -> None:
-        """Stop without tearing the framework down (its tasks keep running)."""
+    def stop(self):
+        """Stop without tearing the framework down (its tasks keep running); a Deferred.
+
+        Not on the reactor thread: pymesos's stop waits for a call in flight, which in
+        `agora local` needs this very reactor (its master) to be answered."""
         self._calls.put(_STOP)
-        try:
-            self.driver.stop(failover=True)
-        except Exception:
-            log.failure("Stopping the scheduler driver failed")
+
+        def stop_driver():
+            try:
+                self.driver.stop(failover=True)
+            except Exception:
+                log.failure("Stopping the scheduler driver failed")
+
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                         stop_driver)
 
     def call(self, method: str, *args, on_error=None) -> None:
         """Run `driver.<method>(*args)` on the call thread; `on_error(exception)` runs on the

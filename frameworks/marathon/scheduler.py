@@ -108,7 +108,8 @@ class Scheduler:
         if self._revive_call is not None and self._revive_call.active():
             self._revive_call.cancel()
         if self.driver is not None:
-            self.driver.stop()
+            return self.driver.stop()
+        return None
 
     def now(self) -> float:
         return self.reactor.seconds()

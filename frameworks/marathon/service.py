@@ -78,10 +78,10 @@ class Core:
 
     def stop(self):
         self.checkers.stop()
-        self.scheduler.stop()
+        stopped = defer.maybeDeferred(self.scheduler.stop)
         d = self.store.flush()
         d.addBoth(lambda _: self.store.close())
-        return d
+        return defer.gatherResults([stopped, d], consumeErrors=True)
 
 
 class MarathonService:
