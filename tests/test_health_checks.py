@@ -17,6 +17,7 @@ from agora import protocol
 from agent.executors import health
 from agent.executors.health import Health, HealthCheck, Verdict
 from tests.cluster import processes_with
+from tests.images import busybox_images  # noqa: F401  (fixture)
 from tests.zookeeper import free_ports
 
 REASON = "REASON_TASK_HEALTH_CHECK_STATUS_UPDATED"
@@ -241,6 +242,16 @@ def test_a_check_that_times_out_fails_and_is_killed_without_piling_up(cluster):
     wait_for(lambda: not processes_with(marker), what="the hung checks to be killed")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_a_command_check_runs_as_the_tasks_user(cluster):
+    """A task run as `nobody` is checked as `nobody` too (a root check would fail here)."""
+    cluster.run_task("nobody", {"value": "sleep 1000", "user": "nobody"}, health_check=hc(
+        "COMMAND", value='test "$(id -un)" = nobody && test "$USER" = nobody', failures=1))
+    wait_healthy(cluster, "nobody")
+    cluster.send(protocol.KillTask(framework_id="fw-1", task_id="nobody"))
+    cluster.wait_state("nobody", "TASK_KILLED")
+
+
 def test_a_bad_health_check_fails_the_task_before_it_starts(cluster):
     """An invalid health_check: TASK_FAILED (REASON_TASK_INVALID) saying what is wrong, and
     the command never runs."""
@@ -252,6 +263,28 @@ def test_a_bad_health_check_fails_the_task_before_it_starts(cluster):
                                  "start with '/', not 'x'")
     assert cluster.master.states("bad") == ["TASK_FAILED"]
     assert not os.path.exists(os.path.join(cluster.sandbox("bad"), "ran"))
+
+
+def test_a_bad_health_check_in_a_task_group_fails_the_whole_group(cluster):
+    """LAUNCH_GROUP with one invalid check: every task of the group fails, none starts."""
+    executor = {"executor_id": {"value": "grp"}, "type": "DEFAULT",
+                "framework_id": {"value": "fw-1"}}
+    tasks = [{"name": t, "task_id": {"value": t}, "agent_id": {"value": cluster.agent.agent_id},
+              "resources": [{"name": "cpus", "type": "SCALAR", "scalar": {"value": 0.1}}],
+              "command": {"value": f"touch {t}; sleep 1000"}} for t in ("g-ok", "g-bad")]
+    tasks[0]["health_check"] = hc("TCP", port=1)
+    tasks[1]["health_check"] = dict(hc("TCP", port=1), interval_seconds=None)
+    cluster.wait_registered()
+    cluster.send(protocol.RunTaskGroup(framework=cluster.framework(), executor=executor,
+                                       task_group={"tasks": tasks}))
+    bad = cluster.wait_state("g-bad", "TASK_FAILED")
+    ok = cluster.wait_state("g-ok", "TASK_FAILED")
+    assert bad["message"] == ("Task uses an invalid health check: 'interval_seconds' must be "
+                              "a number, not None")
+    assert ok["message"].startswith("Task g-bad of its group uses an invalid health check")
+    assert ok["reason"] == bad["reason"] == "REASON_TASK_INVALID"
+    assert not [n for n in ("g-ok", "g-bad") if os.path.exists(
+        os.path.join(cluster.sandbox("grp"), n))]
 
 
 def test_an_http_check_passes_on_200_and_kills_on_404(cluster):
@@ -323,6 +356,27 @@ def test_a_failing_check_in_a_container_kills_it(linux):
         "COMMAND", value="test -e /proc/1/nonexistent", failures=2))
     killed = linux.wait_state("cfail", "TASK_KILLED")
     assert killed["healthy"] is False and "failed 2 times in a row" in killed["message"]
+
+
+@linux_only
+def test_a_command_check_sees_the_tasks_image_and_its_writes(make_cluster, busybox_images):
+    """In a busybox image (overlay root filesystem), the check sees the image's files and
+    what the task wrote into its root filesystem, with the image's environment."""
+    c = make_cluster(launcher="linux", isolation="filesystem/linux,namespaces/pid",
+                     container_flags={"image_providers": "oci",
+                                      "oci_image_dir": busybox_images.oci_image_dir})
+    c.wait_registered()
+    image = {"type": "OCI", "oci": {"name": busybox_images.oci_layout_name}}
+    c.run_task("img", "echo written > /tmp/by-task; exec sleep 1000",
+               container={"type": "MESOS", "mesos": {"image": image}},
+               health_check=hc("COMMAND", grace=30, value=(
+                   'echo "$(cat /etc/agora-image) $(cat /tmp/by-task) $AGORA_IMAGE" '
+                   '> /mnt/mesos/sandbox/checks; test -f /tmp/by-task')))
+    wait_healthy(c, "img", timeout=30)
+    assert lines(c, "img", "checks") == ["busybox written busybox"]
+    assert not os.path.exists("/etc/agora-image")  # (the host has no such file)
+    c.send(protocol.KillTask(framework_id="fw-1", task_id="img"))
+    c.wait_state("img", "TASK_KILLED")
 
 
 @pytest.fixture
