@@ -24,10 +24,17 @@ names. With `AGORA_SWITCH_USER=1` (set by an agent running as root) the executor
 and starts each task as its user: the task's command `user`, else the executor's, else the
 framework's, with that user's groups and HOME, USER and LOGNAME.
 
+A task's `health_check` (COMMAND, HTTP, TCP) is run as Mesos's executors run it: the
+schedule is `agent.executors.health`'s, the probes are `agent.executors.probe`'s (inside
+the task's namespaces when it runs in a container); health goes out as TASK_RUNNING with
+`healthy`, and too many failures in a row kill the task (see agent/README.md "Health
+checks"). An invalid one fails the task (REASON_TASK_INVALID) before it starts.
+
 It runs once per task, so its start-up time is part of every launch: it uses the standard
 library only (plain sockets rather than http.client, which alone costs ~20 ms to import)
 and our pure RecordIO decoder, never Twisted. One thread reads the agent's event stream and
-runs everything; one small thread per task waits for the task's exit and wakes it.
+runs everything; one small thread per task (and per health check) waits for its end and
+wakes it.
 """
 
 from __future__ import annotations
@@ -950,14 +957,20 @@ class CommandExecutor:
         """Fds of the namespaces the task's container does not share with us (opened once,
         while the task runs, so that its pid cannot have been reused)."""
         if task.namespaces is None:
-            task.namespaces = {}
-            if isinstance(task.proc, Contained):
-                from agent.executors.probe import NAMESPACES
-                for name in NAMESPACES:
-                    theirs = f"/proc/{task.proc.pid}/ns/{name}"
-                    mine, other = os.stat(f"/proc/self/ns/{name}"), os.stat(theirs)
-                    if (mine.st_dev, mine.st_ino) != (other.st_dev, other.st_ino):
-                        task.namespaces[name] = os.open(theirs, os.O_RDONLY | os.O_CLOEXEC)
+            opened: dict[str, int] = {}
+            try:
+                if isinstance(task.proc, Contained):
+                    from agent.executors.probe import NAMESPACES
+                    for name in NAMESPACES:
+                        theirs = f"/proc/{task.proc.pid}/ns/{name}"
+                        mine, other = os.stat(f"/proc/self/ns/{name}"), os.stat(theirs)
+                        if (mine.st_dev, mine.st_ino) != (other.st_dev, other.st_ino):
+                            opened[name] = os.open(theirs, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                for fd in opened.values():  # all or none: a check half inside is wrong
+                    os.close(fd)
+                raise
+            task.namespaces = opened
         return task.namespaces
 
     def wait_check(self, task_id: str, seq: int, proc: subprocess.Popen) -> None:
