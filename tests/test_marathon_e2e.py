@@ -292,6 +292,55 @@ def test_unhealthy_instance_is_killed_and_replaced(cluster):
     c.delete_app("sick", force=True)
 
 
+def test_mesos_http_check_run_by_the_executor_makes_instances_healthy(cluster):
+    """MESOS_HTTP goes to the executor in the TaskInfo; its TASK_RUNNING healthy=true makes
+    both instances healthy (health_status_changed_event alive), with no Marathon probe."""
+    _, _, m = cluster
+    c = m.client
+    log = EventLog(c)
+    c.create_app("mesos-web", MarathonApp(cmd=SERVE, cpus=0.1, mem=32, instances=2,
+                                          health_checks=[MarathonHealthCheck(
+                                              protocol="MESOS_HTTP", path="/", port_index=0,
+                                              delay_seconds=1, interval_seconds=1,
+                                              timeout_seconds=2,
+                                              grace_period_seconds=15,
+                                              max_consecutive_failures=3)]))
+    wait_for(lambda: settled(c, "/mesos-web", 2, healthy=True), timeout=60,
+             what="2 instances healthy by the executor's checks")
+    changed = [e for e in log.of("health_status_changed_event") if e["appId"] == "/mesos-web"]
+    assert len(changed) == 2 and all(e["alive"] for e in changed)
+    assert not log.of("failed_health_check_event")  # Marathon ran no check itself
+    c.delete_app("mesos-web", force=True)
+
+
+def test_failing_command_check_run_by_the_executor_gets_the_instance_replaced(cluster):
+    """A COMMAND check failing maxConsecutiveFailures times: the executor kills the task
+    (TASK_KILLED naming the check), Marathon sees it unhealthy and relaunches the instance."""
+    _, _, m = cluster
+    c = m.client
+    log = EventLog(c)
+    c.create_app("mesos-sick", MarathonApp(cmd="sleep 1000", cpus=0.1, mem=32, instances=1,
+                                           health_checks=[MarathonHealthCheck(
+                                               protocol="COMMAND",
+                                               command="test -f never",
+                                               delay_seconds=0, interval_seconds=1,
+                                               timeout_seconds=1,
+                                               grace_period_seconds=0,
+                                               max_consecutive_failures=2)]))
+    killed = wait_for(lambda: [e for e in log.of("status_update_event")
+                               if e["appId"] == "/mesos-sick" and
+                               e["taskStatus"] == "TASK_KILLED"], timeout=60,
+                      what="the unhealthy task to be killed")[0]
+    assert "COMMAND health check failed 2 times in a row" in killed["message"], killed
+    assert [e["alive"] for e in log.of("health_status_changed_event")
+            if e["appId"] == "/mesos-sick"][:1] == [False]
+    instance = killed["taskId"].rsplit("._app.", 1)[0]
+    wait_for(lambda: [t for t in c.list_tasks("mesos-sick")
+                      if t.id != killed["taskId"] and t.id.startswith(instance)], timeout=60,
+             what="the instance's next task")
+    c.delete_app("mesos-sick", force=True)
+
+
 def test_versions_rollback_restart_and_deployment_cancel(cluster):
     """Versions are kept and rolled back to; a restart replaces tasks; a stuck deployment is
     409 for others, and DELETE /v2/deployments/{id} rolls it back (or just stops, forced)."""

@@ -24,10 +24,17 @@ names. With `AGORA_SWITCH_USER=1` (set by an agent running as root) the executor
 and starts each task as its user: the task's command `user`, else the executor's, else the
 framework's, with that user's groups and HOME, USER and LOGNAME.
 
+A task's `health_check` (COMMAND, HTTP, TCP) is run as Mesos's executors run it: the
+schedule is `agent.executors.health`'s, the probes are `agent.executors.probe`'s (inside
+the task's namespaces when it runs in a container); health goes out as TASK_RUNNING with
+`healthy`, and too many failures in a row kill the task (see agent/README.md "Health
+checks"). An invalid one fails the task (REASON_TASK_INVALID) before it starts.
+
 It runs once per task, so its start-up time is part of every launch: it uses the standard
 library only (plain sockets rather than http.client, which alone costs ~20 ms to import)
 and our pure RecordIO decoder, never Twisted. One thread reads the agent's event stream and
-runs everything; one small thread per task waits for the task's exit and wakes it.
+runs everything; one small thread per task (and per health check) waits for its end and
+wakes it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import sys
 import threading
 import time
 
+from agent.executors import health
 from agora.recordio import Decoder
 
 CONTAINER_DIR_VARIABLE = "AGORA_CONTAINER_DIR"  # where the agent put our tasks' specs
@@ -198,6 +206,14 @@ def command_argv(command: dict) -> tuple[list[str], str | None]:
         return ["/bin/sh", "-c", value], None
     arguments = [a for a in command.get("arguments") or [] if isinstance(a, str)]
     return (arguments or [value]), value
+
+
+def popen_in_group(argv: list[str], **kwargs) -> subprocess.Popen:
+    """Popen in a process group of its own (signalled as a whole with killpg)."""
+    try:
+        return subprocess.Popen(argv, process_group=0, **kwargs)
+    except TypeError:  # Python < 3.11 has no process_group
+        return subprocess.Popen(argv, preexec_fn=os.setpgrp, **kwargs)
 
 
 # --- HTTP over plain sockets ---------------------------------------------------------------
@@ -386,6 +402,33 @@ class Task:
         self.killing = False
         self.kill_at: float | None = None  # when to escalate to SIGKILL
         self.terminal = False  # the terminal update was made
+        # Health checking (see "health checks" below): the check, its schedule once the
+        # task runs, the check in flight, and how the task runs (for COMMAND checks).
+        self.check: health.HealthCheck | None = None
+        self.health: health.Health | None = None
+        self.check_run: CheckRun | None = None
+        self.unhealthy: str | None = None  # the kill message, once a check killed the task
+        self.env: dict = {}
+        self.as_user: dict = {}
+        self.spec: dict | None = None  # its container's spec, when it runs in one
+        self.namespaces: dict[str, int] | None = None  # fds of its own namespaces
+
+
+class CheckRun:
+    """One health check in flight: a child process (COMMAND) or a thread (HTTP, TCP)."""
+
+    def __init__(self, seq: int, deadline: float | None, proc: subprocess.Popen | None):
+        self.seq = seq
+        self.deadline = deadline
+        self.proc = proc
+        self.timed_out = False  # counted as failed; we wait for it to go away
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 class CommandExecutor:
@@ -422,6 +465,8 @@ class CommandExecutor:
         self.exit_code: int | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._exits: list[tuple[str, int]] = []
+        self._checks: list[tuple[str, int, bool, str]] = []  # (task id, seq, passed, why)
+        self._check_seq = 0
         self._lock = threading.Lock()
 
     # --- main loop ------------------------------------------------------------------------
@@ -447,6 +492,7 @@ class CommandExecutor:
 
     def timeout(self, now: float) -> float:
         deadlines = [t.kill_at for t in self.tasks.values() if t.kill_at is not None]
+        deadlines += self.check_deadlines()
         if self.finish_by is not None:
             deadlines.append(self.finish_by)
         if self.stream is None:
@@ -455,10 +501,12 @@ class CommandExecutor:
         return max(0.0, min(deadlines) - now) if deadlines else 60.0
 
     def tick(self, now: float) -> None:
-        for task in self.tasks.values():
+        for task in list(self.tasks.values()):
             if task.kill_at is not None and now >= task.kill_at:
                 task.kill_at = None
                 self.signal(task, signal.SIGKILL)
+            if task.health is not None:
+                self.check_health(task, now)
         if self.finish_by is not None and now >= self.finish_by:
             log(f"Exiting without acknowledgements for {len(self.unacked)} update(s)")
             self.finish(1)
@@ -533,7 +581,7 @@ class CommandExecutor:
         return False
 
     def update(self, task: Task, state: str, message: str | None = None,
-               reason: str | None = None) -> None:
+               reason: str | None = None, healthy: bool | None = None) -> None:
         status = {"task_id": {"value": task.task_id}, "state": state,
                   "source": "SOURCE_EXECUTOR", "executor_id": {"value": self.executor_id},
                   "timestamp": time.time(), "uuid": new_uuid()}
@@ -541,6 +589,8 @@ class CommandExecutor:
             status["message"] = message
         if reason:
             status["reason"] = reason
+        if healthy is not None:
+            status["healthy"] = healthy
         self.unacked[status["uuid"]] = status
         try:
             call(self.endpoint, {"type": "UPDATE", "framework_id": {"value": self.framework_id},
@@ -587,6 +637,7 @@ class CommandExecutor:
         infos = [i for i in infos
                  if isinstance(i, dict) and isinstance((i.get("task_id") or {}).get("value"), str)]
         ids = tuple(info["task_id"]["value"] for info in infos)
+        checks, invalid = self.health_checks(infos)
         for info in infos:
             task_id = info["task_id"]["value"]
             if task_id in self.tasks:
@@ -602,7 +653,31 @@ class CommandExecutor:
                 self.update(task, "TASK_FAILED", "The command executor runs a single task",
                             "REASON_TASK_INVALID")
                 continue
+            if invalid:  # a task group starts whole or not at all, as Mesos validates it
+                task.terminal = True
+                if task_id in invalid:
+                    message = f"Task uses an invalid health check: {invalid[task_id]}"
+                else:
+                    other = next(iter(invalid))
+                    message = (f"Task {other} of its group uses an invalid health check: "
+                               f"{invalid[other]}")
+                self.update(task, "TASK_FAILED", message, "REASON_TASK_INVALID")
+                continue
+            task.check = checks.get(task_id)
             self.start(task)
+
+    @staticmethod
+    def health_checks(infos: list[dict]) -> tuple[dict, dict]:
+        """({task id: HealthCheck}, {task id: why its health_check is invalid})."""
+        checks, invalid = {}, {}
+        for info in infos:
+            if info.get("health_check") is None:
+                continue
+            try:
+                checks[info["task_id"]["value"]] = health.parse(info["health_check"])
+            except ValueError as e:
+                invalid[info["task_id"]["value"]] = str(e)
+        return checks, invalid
 
     def start(self, task: Task) -> None:
         self.update(task, "TASK_STARTING")
@@ -628,22 +703,19 @@ class CommandExecutor:
                     return
                 env.update(login)
                 env.update(environment_variables(command))  # the command's own still win
+            task.env, task.as_user = env, as_user
             if spec is not None:
                 proc = self.start_contained(task, spec, argv, program, env, as_user)
                 threading.Thread(target=self.wait_contained, args=(task.task_id, proc),
                                  daemon=True).start()
-                task.proc = proc
+                task.proc, task.spec = proc, spec
                 self.update(task, "TASK_RUNNING")
+                self.start_health(task)
                 return
             log(f"Starting task {task.task_id}" + (f" as {user}" if user else "") +
                 f": {' '.join(argv)}")
-            try:
-                proc = subprocess.Popen(argv, executable=program, env=env, process_group=0,
-                                        stdin=subprocess.DEVNULL, close_fds=True, **as_user)
-            except TypeError:  # Python < 3.11 has no process_group
-                proc = subprocess.Popen(argv, executable=program, env=env,
-                                        preexec_fn=os.setpgrp, stdin=subprocess.DEVNULL,
-                                        close_fds=True, **as_user)
+            proc = popen_in_group(argv, executable=program, env=env, stdin=subprocess.DEVNULL,
+                                  close_fds=True, **as_user)
         except LaunchFailed as e:
             task.terminal = True
             self.update(task, "TASK_FAILED", str(e), "REASON_CONTAINER_LAUNCH_FAILED")
@@ -658,6 +730,7 @@ class CommandExecutor:
         task.proc = proc
         threading.Thread(target=self.wait, args=(task.task_id, proc), daemon=True).start()
         self.update(task, "TASK_RUNNING")
+        self.start_health(task)
 
     def container_spec(self, task: Task) -> dict | None:
         """The spec the agent prepared for the task's container, if it runs in one."""
@@ -719,17 +792,21 @@ class CommandExecutor:
     def reap(self) -> None:
         with self._lock:
             exits, self._exits = self._exits, []
+            checks, self._checks = self._checks, []
         for task_id, returncode in exits:
             task = self.tasks[task_id]
             task.kill_at = None
             task.terminal = True
+            self.end_health(task)
             # Whatever it left behind in its process group goes with it (a PID namespace's
             # init took everything with it, and its pid may be someone else's by now).
             if not (isinstance(task.proc, Contained) and task.proc.init):
                 self.signal(task, signal.SIGKILL)
             message = exit_message(returncode)
             log(f"Task {task_id}: {message}")
-            if task.killing:
+            if task.killing and task.unhealthy:
+                self.update(task, "TASK_KILLED", task.unhealthy, healthy=False)
+            elif task.killing:
                 self.update(task, "TASK_KILLED", message)
             elif returncode == 0:
                 self.update(task, "TASK_FINISHED", message)
@@ -737,6 +814,9 @@ class CommandExecutor:
                 self.update(task, "TASK_FAILED", message)
             if task.killing or returncode != 0:
                 self.after_terminal(task)
+        # After the exits: a result for a task that has just ended is dropped, not acted on.
+        for task_id, seq, passed, why in checks:
+            self.check_ended(self.tasks[task_id], seq, passed, why)
 
     def after_terminal(self, task: Task) -> None:
         """A task of a group failed or was killed: the rest of the group goes too."""
@@ -756,6 +836,8 @@ class CommandExecutor:
                 task.kill_at = min(task.kill_at, time.monotonic() + grace)
             return
         task.killing = True
+        if task.health is not None:
+            task.health.stop()  # as Mesos: no health updates once the kill has begun
         capabilities = {c.get("type") for c in self.framework_info.get("capabilities") or []
                         if isinstance(c, dict)}
         if "TASK_KILLING_STATE" in capabilities:
@@ -790,7 +872,176 @@ class CommandExecutor:
         for task in self.tasks.values():
             if task.proc is not None and not task.terminal:
                 self.signal(task, signal.SIGKILL)
+            self.end_health(task)
         self.finish(1)
+
+    # --- health checks ----------------------------------------------------------------
+    #
+    # The schedule and the meaning of results are agent.executors.health's; here, the I/O.
+    # A COMMAND check is a child process in a process group of its own (on the host: as the
+    # task, in the sandbox; in a container: through agent.executors.probe, inside the
+    # task's namespaces), waited for by a thread; HTTP and TCP checks run in a thread (in
+    # the task's network namespace if it has one). Each wakes the loop through the wake
+    # pipe with (task id, seq, passed, why). A check past its timeout is failed and killed;
+    # the next one starts only once it is gone, so hung checks never pile up.
+
+    def start_health(self, task: Task) -> None:
+        if task.check is not None:
+            task.health = health.Health(task.check, time.monotonic())
+            log(f"Task {task.task_id}: {task.check.name} every {task.check.interval:g}s, "
+                f"starting in {task.check.delay:g}s")
+
+    def check_deadlines(self) -> list[float]:
+        out = []
+        for task in self.tasks.values():
+            run = task.check_run
+            if run is not None and not run.timed_out and run.deadline is not None:
+                out.append(run.deadline)
+            if task.health is not None and task.health.wake_at() is not None:
+                out.append(task.health.wake_at())
+        return out
+
+    def check_health(self, task: Task, now: float) -> None:
+        run, check = task.check_run, task.check
+        if run is not None and not run.timed_out and run.deadline is not None \
+                and now >= run.deadline:
+            run.timed_out = True
+            run.kill()
+            self.health_result(task, False, f"timed out after {check.timeout:g}s", now)
+        if not task.health.due(now) or task.terminal or task.killing:
+            return
+        if task.check_run is not None:  # the one that timed out has not gone yet
+            task.health.begin()
+            self.health_result(task, False, "the previous check has not ended yet", now)
+            return
+        self._check_seq += 1
+        seq = self._check_seq
+        task.health.begin()
+        try:
+            if check.kind == "COMMAND":
+                proc = self.spawn_check(task, check)
+                threading.Thread(target=self.wait_check, args=(task.task_id, seq, proc),
+                                 daemon=True).start()
+            else:
+                proc = None
+                netns = self.task_namespaces(task).get("net")
+                threading.Thread(target=self.probe_socket,
+                                 args=(task.task_id, seq, check,
+                                       None if netns is None else os.dup(netns)),
+                                 daemon=True).start()
+        except (OSError, ValueError) as e:
+            self.health_result(task, False, f"cannot start: {e}", now)
+            return
+        task.check_run = CheckRun(seq, None if check.timeout is None else now + check.timeout,
+                                  proc)
+
+    def spawn_check(self, task: Task, check: health.HealthCheck) -> subprocess.Popen:
+        """Start a COMMAND check: as the task, with its environment (and the check's own)."""
+        argv, program = command_argv(check.command)
+        spec = task.spec
+        out = {"stdin": subprocess.DEVNULL, "stdout": 2, "stderr": 2, "close_fds": True}
+        if spec is None:
+            env = dict(task.env, **environment_variables(check.command))
+            return popen_in_group(argv, executable=program, env=env, **out, **task.as_user)
+        namespaces = self.task_namespaces(task)
+        request = {"namespaces": namespaces, "cgroups": spec.get("cgroups") or [],
+                   "process": {"argv": argv, "program": program,
+                               "env": dict(spec.get("env") or {},
+                                           **environment_variables(check.command)),
+                               "cwd": spec.get("cwd"), "user": spec.get("user"),
+                               "rlimits": spec.get("rlimits") or []}}
+        # Our own interpreter and package (our environment), started from / so that
+        # nothing in the sandbox is on its sys.path.
+        return popen_in_group([sys.executable, "-S", "-m", "agent.executors.probe",
+                               json.dumps(request)], env=self.env, cwd="/",
+                              pass_fds=list(namespaces.values()), **out)
+
+    def task_namespaces(self, task: Task) -> dict[str, int]:
+        """Fds of the namespaces the task's container does not share with us (opened once,
+        while the task runs, so that its pid cannot have been reused)."""
+        if task.namespaces is None:
+            opened: dict[str, int] = {}
+            try:
+                if isinstance(task.proc, Contained):
+                    from agent.executors.probe import NAMESPACES
+                    for name in NAMESPACES:
+                        theirs = f"/proc/{task.proc.pid}/ns/{name}"
+                        mine, other = os.stat(f"/proc/self/ns/{name}"), os.stat(theirs)
+                        if (mine.st_dev, mine.st_ino) != (other.st_dev, other.st_ino):
+                            opened[name] = os.open(theirs, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                for fd in opened.values():  # all or none: a check half inside is wrong
+                    os.close(fd)
+                raise
+            task.namespaces = opened
+        return task.namespaces
+
+    def wait_check(self, task_id: str, seq: int, proc: subprocess.Popen) -> None:
+        """(In a thread) wait for a COMMAND check to end, and wake the loop."""
+        returncode = proc.wait()
+        self.checked(task_id, seq, returncode == 0, exit_message(returncode))
+
+    def probe_socket(self, task_id: str, seq: int, check: health.HealthCheck,
+                     netns: int | None) -> None:
+        """(In a thread of its own, which may enter the task's network namespace) run an
+        HTTP or TCP check, and wake the loop."""
+        from agent.executors import probe
+        try:
+            if netns is not None:
+                try:
+                    probe.enter_network(netns)
+                finally:
+                    os.close(netns)
+            if check.kind == "HTTP":
+                passed, why = probe.http(check.scheme, check.port, check.path, check.ipv6,
+                                         check.timeout)
+            else:
+                passed, why = probe.tcp(check.port, check.ipv6, check.timeout)
+        except Exception as e:  # noqa: BLE001 — a result must come back, whatever happened
+            passed, why = False, f"{type(e).__name__}: {e}"
+        self.checked(task_id, seq, passed, why)
+
+    def checked(self, task_id: str, seq: int, passed: bool, why: str) -> None:
+        with self._lock:
+            self._checks.append((task_id, seq, passed, why))
+        os.write(self._wake_w, b"x")
+
+    def check_ended(self, task: Task, seq: int, passed: bool, why: str) -> None:
+        run = task.check_run
+        if run is None or run.seq != seq:
+            return
+        task.check_run = None
+        if not run.timed_out and task.health is not None:
+            self.health_result(task, passed, why, time.monotonic())
+
+    def health_result(self, task: Task, passed: bool, why: str, now: float) -> None:
+        check = task.check
+        verdict = task.health.result(passed, why, now)
+        if verdict.ignored:
+            log(f"Task {task.task_id}: {check.name} failed within the grace period "
+                f"(ignored): {why}")
+        elif not passed:
+            log(f"Task {task.task_id}: {check.name} failed {task.health.failures} time(s) "
+                f"in a row: {why}")
+        if verdict.report is not None and not task.terminal and not task.killing:
+            log(f"Task {task.task_id} is {'healthy' if verdict.report else 'unhealthy'}")
+            self.update(task, "TASK_RUNNING", reason="REASON_TASK_HEALTH_CHECK_STATUS_UPDATED",
+                        healthy=verdict.report)
+        if verdict.kill and not task.terminal and not task.killing:
+            task.unhealthy = task.health.kill_message(task.task_id)
+            log(task.unhealthy)
+            self.kill(task, task.kill_grace)
+
+    def end_health(self, task: Task) -> None:
+        """The task has ended: no more checks; the one in flight is killed."""
+        if task.health is not None:
+            task.health.stop()
+        if task.check_run is not None:
+            task.check_run.kill()
+            task.check_run = None
+        for fd in (task.namespaces or {}).values():
+            os.close(fd)
+        task.namespaces = None if task.namespaces is None else {}
 
     def check_done(self) -> None:
         """Exit when every task is terminal and reported; start the clock if only acks lack."""
