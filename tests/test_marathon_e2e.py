@@ -298,7 +298,9 @@ def test_mesos_http_check_run_by_the_executor_makes_instances_healthy(cluster):
     _, _, m = cluster
     c = m.client
     log = EventLog(c)
-    c.create_app("mesos-web", MarathonApp(cmd=SERVE, cpus=0.1, mem=32, instances=2,
+    # The executor checks 127.0.0.1 (Mesos's MESOS_HTTP target), not the agent's address.
+    local_serve = "exec python3 -m http.server --bind 127.0.0.1 $PORT0"
+    c.create_app("mesos-web", MarathonApp(cmd=local_serve, cpus=0.1, mem=32, instances=2,
                                           health_checks=[MarathonHealthCheck(
                                               protocol="MESOS_HTTP", path="/", port_index=0,
                                               delay_seconds=1, interval_seconds=1,
@@ -441,7 +443,9 @@ def test_event_subscription_callbacks_get_events(cluster):
         wait_for(lambda: any(e["eventType"] == "status_update_event" and
                              e["appId"] == "/called" for e in got), timeout=60,
                  what="a status update at the callback")
-        assert any(e["eventType"] == "api_post_event" for e in got)
+        # (Callbacks are POSTed concurrently: the earlier event may land later.)
+        wait_for(lambda: any(e["eventType"] == "api_post_event" for e in got), timeout=10,
+                 what="the api_post_event at the callback")
         c.delete_event_subscription(url)
         assert c.list_event_subscriptions() == []
         c.delete_app("called", force=True)

@@ -196,7 +196,7 @@ def prepare_namespaces(spec: dict) -> None:
         sc.sethostname(spec["hostname"])
 
 
-def finish_and_exec(spec: dict, started_fd: int) -> None:
+def finish_and_exec(spec: dict, started_fd: int | None = None) -> None:
     """rlimits, working directory, user, then exec; raises on failure (never returns).
 
     A spec with `builtin` (our own executor) runs that program in this very process instead
@@ -233,7 +233,7 @@ def finish_and_exec(spec: dict, started_fd: int) -> None:
         raise SetupError(f"cannot run {program!r}: {e.strerror}") from None
 
 
-def _run_builtin(name: str, env: dict, started_fd: int) -> None:
+def _run_builtin(name: str, env: dict, started_fd: int | None) -> None:
     """Run one of BUILTINS as this process, then exit with its status (never returns)."""
     if name not in BUILTINS:
         raise SetupError(f"unknown builtin program {name!r}")
@@ -241,7 +241,8 @@ def _run_builtin(name: str, env: dict, started_fd: int) -> None:
     os.environ.clear()
     os.environ.update(env)
     program = getattr(importlib.import_module(module), function)
-    os.close(started_fd)  # as an exec would: the launcher now knows it runs
+    if started_fd is not None:
+        os.close(started_fd)  # as an exec would: the launcher now knows it runs
     code = 1
     try:
         code = program() or 0
