@@ -453,7 +453,9 @@ class Agent:
 
     def _builtin_executor_argv(self) -> list[str]:
         # -S: our executor needs no site-packages, and skipping site saves ~20 ms a launch.
-        return [self.python, "-S", "-m", BUILTIN_EXECUTOR_MODULE]
+        # -P: `-m` would put the cwd (the sandbox, where fetched files land) first on the
+        # path, and a fetched `agent/` package would run as root instead of our executor.
+        return [self.python, "-S", "-P", "-m", BUILTIN_EXECUTOR_MODULE]
 
     def _add_tasks(self, fw: st.Framework, info: dict, kind: str, tasks: list[dict],
                    how: str) -> None:

@@ -15,7 +15,7 @@ from twisted.internet import task as _task
 from twisted.logger import Logger
 
 from agora import mesos_json as mj
-from agora import protocol, recordio
+from agora import health_checks, protocol, recordio
 from agora.resources import Resources, validate_role
 from master.allocator.allocator import Allocator
 from master.records import (Agent, Executor, Framework, OfferRecord, Task, capabilities_of,
@@ -611,6 +611,11 @@ class Master:
             raise mj.InvalidMessage("Task uses no resources")
         if group_executor is None and (("command" in task) == ("executor" in task)):
             raise mj.InvalidMessage("Task must have exactly one of 'command' or 'executor'")
+        if task.get("health_check") is not None:
+            try:
+                health_checks.parse(task["health_check"])
+            except ValueError as e:
+                raise mj.InvalidMessage(f"Task uses an invalid health check: {e}") from None
         needed, new_executor = resources, None
         if group_executor is None and "executor" in task:  # a group's executor is charged once
             new_executor = self._new_executor(fw, agent, task["executor"])

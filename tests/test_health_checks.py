@@ -14,8 +14,8 @@ import pytest
 from agent_harness import agent_reactor, cluster, make_cluster, wait_for  # noqa: F401
 
 from agora import protocol
-from agent.executors import health
-from agent.executors.health import Health, HealthCheck, Verdict
+from agora import health_checks as health
+from agora.health_checks import Health, HealthCheck, Verdict
 from tests.cluster import processes_with
 from tests.images import busybox_images  # noqa: F401  (fixture)
 from tests.zookeeper import free_ports
@@ -28,10 +28,10 @@ SERVE = "exec python3 -m http.server --bind 127.0.0.1 $PORT0"
 
 
 def test_the_health_module_imports_nothing():
-    """agent.executors.health is pure: a fresh interpreter loads no other module for it."""
-    code = ("import sys; before = set(sys.modules); import agent.executors.health; "
-            "print(sorted(set(sys.modules) - before - {'__future__', 'agent', 'agent.executors', "
-            "'agent.executors.health'}))")
+    """agora.health_checks is pure: a fresh interpreter loads no other module for it."""
+    code = ("import sys; before = set(sys.modules); import agora.health_checks; "
+            "print(sorted(set(sys.modules) - before - {'__future__', 'agora', "
+            "'agora.health_checks'}))")
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
                          env=dict(os.environ, PYTHONPATH=".")).stdout

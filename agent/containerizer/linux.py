@@ -179,7 +179,7 @@ class LinuxLauncher:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         if self.code_root:
             env["PYTHONPATH"] = self.code_root
-        argv = [self.python, "-S", "-m", "agent.containerizer.helper",
+        argv = [self.python, "-S", "-P", "-m", "agent.containerizer.helper",
                 "--runtime-dir", self.runtime_dir, "--idle-exit", str(self.idle_exit)]
         self.reactor.spawnProcess(_HelperProcess(), self.python, argv, env=env,
                                   path=self.runtime_dir)

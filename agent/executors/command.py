@@ -25,7 +25,7 @@ and starts each task as its user: the task's command `user`, else the executor's
 framework's, with that user's groups and HOME, USER and LOGNAME.
 
 A task's `health_check` (COMMAND, HTTP, TCP) is run as Mesos's executors run it: the
-schedule is `agent.executors.health`'s, the probes are `agent.executors.probe`'s (inside
+schedule is `agora.health_checks`'s, the probes are `agent.executors.probe`'s (inside
 the task's namespaces when it runs in a container); health goes out as TASK_RUNNING with
 `healthy`, and too many failures in a row kill the task (see agent/README.md "Health
 checks"). An invalid one fails the task (REASON_TASK_INVALID) before it starts.
@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 
-from agent.executors import health
+from agora import health_checks as health
 from agora.recordio import Decoder
 
 CONTAINER_DIR_VARIABLE = "AGORA_CONTAINER_DIR"  # where the agent put our tasks' specs
@@ -877,7 +877,7 @@ class CommandExecutor:
 
     # --- health checks ----------------------------------------------------------------
     #
-    # The schedule and the meaning of results are agent.executors.health's; here, the I/O.
+    # The schedule and the meaning of results are agora.health_checks'; here, the I/O.
     # A COMMAND check is a child process in a process group of its own (on the host: as the
     # task, in the sandbox; in a container: through agent.executors.probe, inside the
     # task's namespaces), waited for by a thread; HTTP and TCP checks run in a thread (in

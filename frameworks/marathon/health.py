@@ -135,6 +135,10 @@ def result_json(health: Health, instance_id: str, task_id: str | None, fmt) -> d
     return out
 
 
+#: consecutive_failures for "never kill" (a uint32 in Mesos's proto).
+NEVER = 2**31 - 1
+
+
 def mesos_health_check(check: Check, host_ports: list) -> dict | None:
     """The TaskInfo `health_check` (Mesos HealthCheck JSON) for a check the executor runs;
     None for checks Marathon runs itself."""
@@ -142,7 +146,8 @@ def mesos_health_check(check: Check, host_ports: list) -> dict | None:
         return None
     out = {"delay_seconds": float(check.delay), "interval_seconds": float(check.interval),
            "timeout_seconds": float(check.timeout),
-           "consecutive_failures": max(1, check.max_failures),
+           # Marathon's 0 is "never kill"; Mesos wants >= 1: as good as never.
+           "consecutive_failures": check.max_failures if check.max_failures > 0 else NEVER,
            "grace_period_seconds": float(check.grace)}
     if check.protocol == "COMMAND":
         out.update(type="COMMAND", command={"value": check.command or "", "shell": True})

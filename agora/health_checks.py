@@ -9,7 +9,8 @@
   executors also repeat `healthy: false` after each further failure; we do not).
 - `consecutive_failures` counted failures in a row kill the task.
 
-The executor (agent/executors/command.py) does the I/O and passes the time in; this module
+The executor (agent/executors/command.py) does the I/O and passes the time in; the master
+validates a task's check with `parse` (TASK_ERROR, as Mesos's master does). This module
 imports nothing, so the executor's start-up stays cheap.
 """
 
