@@ -149,6 +149,19 @@ def test_invalid_tasks_get_task_error(master, clock):
     assert "more resources" in err["message"] and "uuid" not in err
 
 
+def test_a_task_with_an_invalid_health_check_gets_task_error(master, clock):
+    """The master validates TaskInfo.health_check as Mesos does: TASK_ERROR naming the field,
+    and the task never reaches the agent."""
+    link, _ = add_agent(master, clock)
+    stream, fw = subscribe(master, clock)
+    offer = stream.of("OFFERS")[0]["offers"][0]
+    launch(master, fw, offer, "sick", health_check={"type": "HTTP", "http": {"port": 70000}})
+    err = stream.of("UPDATE")[-1]["status"]
+    assert err["state"] == "TASK_ERROR" and err["reason"] == "REASON_TASK_INVALID"
+    assert "invalid health check" in err["message"] and "port" in err["message"]
+    assert not link.of(protocol.RunTask)
+
+
 def test_failover_timeout_removes_framework(master, clock):
     """A disconnected framework is removed when its failover timeout passes, not before."""
     link, _ = add_agent(master, clock)
