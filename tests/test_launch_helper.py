@@ -282,3 +282,16 @@ def test_paths_resolve_inside_the_root_whatever_the_links_say(tmp_path):
     assert resolve_in_root(str(root), "/abs/passwd") == str(root / "etc" / "passwd")
     assert resolve_in_root(str(root), "/etc/up/x") == str(root / "x")
     assert resolve_in_root(str(root), "/../../x") == str(root / "x")
+
+
+@pytest.mark.parametrize("namespaces", [[], ["mnt", "pid"]])
+def test_the_task_does_not_inherit_pythons_ignored_signals(helper, namespaces):
+    """SIGPIPE and SIGXFSZ, which Python ignores, are back to their defaults in the task
+    (an ignored signal survives exec): `yes | head -1` ends instead of spinning."""
+    status, out = helper.run({"argv": ["/bin/sh", "-c", "grep SigIgn /proc/self/status; "
+                                       "yes | head -1"],
+                              "env": {"PATH": "/bin:/usr/bin"}, "namespaces": namespaces})
+    assert status == 0, out
+    ignored = int(out.splitlines()[0].split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
+    assert out.splitlines()[1] == "y"

@@ -252,7 +252,7 @@ class Helper:
         """In the forked child: drop the helper's state, then become the container."""
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGCHLD, *spawn.RESET_SIGNALS):
                 signal.signal(sig, signal.SIG_DFL)
             keep = sorted({0, 1, 2, report_w, *fds} | ({go_r} if go_r is not None else set()))
             low = 3

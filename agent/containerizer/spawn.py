@@ -39,6 +39,9 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 #: Signals an init passes on to its task; the rest it handles itself or cannot catch.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
+#: Set to their defaults for a task: what we handle, and what Python ignores (SIGPIPE,
+#: SIGXFSZ), which an exec would otherwise pass on as ignored.
+RESET_SIGNALS = (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class SetupError(Exception):
@@ -128,9 +131,11 @@ def _mount_rootfs(rootfs: dict) -> str:
 def _populate_dev(root: str) -> None:
     dev = _mount_point(root, "/dev", False)
     sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=755,size=65536k")
-    for name in DEVICES:
+    for name in DEVICES:  # (a fresh tmpfs: no link to resolve, nothing in the way)
         if os.path.exists(f"/dev/{name}"):
-            _bind(f"/dev/{name}", root, f"/dev/{name}", False)
+            target = os.path.join(dev, name)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666))
+            sc.mount(f"/dev/{name}", target, None, sc.MS_BIND)
     os.mkdir(os.path.join(dev, "pts"), 0o755)
     sc.mount("devpts", os.path.join(dev, "pts"), "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
              "newinstance,ptmxmode=0666,mode=620")
@@ -203,6 +208,20 @@ def finish_and_exec(spec: dict, started_fd: int | None = None) -> None:
     of exec'ing a new interpreter: it is already one, forked from the helper with our code
     imported, which saves the ~40 ms an interpreter takes to start. `started_fd` (the
     report pipe, closed by a successful exec) is then closed by hand."""
+    process_settings(spec)
+    env = spec.get("env") or {}
+    if spec.get("builtin"):
+        _run_builtin(spec["builtin"], env, started_fd)
+    argv = spec["argv"]
+    try:
+        os.execve(program_path(spec), argv, env)
+    except OSError as e:
+        raise SetupError(f"cannot run {spec.get('program') or argv[0]!r}: {e.strerror}") \
+            from None
+
+
+def process_settings(spec: dict) -> None:
+    """rlimits, working directory, then user (last: it drops the privileges the rest need)."""
     for name, soft, hard in spec.get("rlimits") or ():
         which = getattr(resource, f"RLIMIT_{name}", None)
         if which is None:
@@ -220,17 +239,20 @@ def finish_and_exec(spec: dict, started_fd: int | None = None) -> None:
         os.setgroups(list(user.get("groups") or ()))
         os.setgid(user["gid"])
         os.setuid(user["uid"])
-    env = spec.get("env") or {}
-    if spec.get("builtin"):
-        _run_builtin(spec["builtin"], env, started_fd)
-    argv = spec["argv"]
-    program = spec.get("program") or argv[0]
-    try:
-        if "/" in program:
-            os.execve(program, argv, env)
-        os.execvpe(program, argv, env)
-    except OSError as e:
-        raise SetupError(f"cannot run {program!r}: {e.strerror}") from None
+
+
+def program_path(spec: dict) -> str:
+    """The file to execute: `program` or argv[0], looked up in the spec's PATH without a
+    slash; SetupError naming it if there is none."""
+    program = spec.get("program") or spec["argv"][0]
+    if "/" in program:
+        return program
+    path = (spec.get("env") or {}).get("PATH", os.defpath)
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise SetupError(f"cannot run {program!r}: No such file or directory")
 
 
 def _run_builtin(name: str, env: dict, started_fd: int | None) -> None:
@@ -257,6 +279,36 @@ def _run_builtin(name: str, env: dict, started_fd: int | None) -> None:
             except (OSError, ValueError):
                 pass
     os._exit(code)
+
+
+def _fork_task(spec: dict, report_fd: int) -> int:
+    """The task as a fork of this process (for a builtin program, which must be a copy of
+    the interpreter); exits reporting the error if it cannot start."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    task = os.fork()
+    if task == 0:
+        try:
+            os.close(ready_r)
+            os.close(report_fd)
+            os.setpgid(0, 0)
+            for sig in RESET_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            finish_and_exec(spec, ready_w)
+        except (OSError, SetupError) as e:
+            _report(ready_w, f"E {e}")
+        except BaseException as e:  # noqa: BLE001
+            _report(ready_w, f"E unexpected {type(e).__name__}: {e}")
+        os._exit(127)
+    os.close(ready_w)
+    chunks = []
+    while chunk := os.read(ready_r, 4096):
+        chunks.append(chunk)
+    os.close(ready_r)
+    message = b"".join(chunks).decode("utf-8", "replace").strip()
+    if message:
+        _report(report_fd, message)
+        os._exit(127)
+    return task
 
 
 def _report(fd: int, line: str) -> None:
@@ -316,30 +368,24 @@ def _init(spec: dict, report_fd: int) -> None:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    task = os.fork()
-    if task == 0:
+    if spec.get("builtin"):
+        task = _fork_task(spec, report_fd)
+    else:
+        # posix_spawn (vfork underneath) rather than fork: no copy of this interpreter's
+        # page tables, ~1.5 ms less a launch. The init takes the task's cwd, rlimits and
+        # user itself first: it needs none of its privileges any more.
         try:
-            os.close(ready_r)
-            os.close(report_fd)
-            os.setpgid(0, 0)
-            for sig in FORWARDED:
-                signal.signal(sig, signal.SIG_DFL)
-            finish_and_exec(spec, ready_w)
+            process_settings(spec)
+            argv = spec["argv"]
+            try:
+                task = os.posix_spawn(program_path(spec), argv, spec.get("env") or {},
+                                      setpgroup=0, setsigmask=(), setsigdef=RESET_SIGNALS)
+            except OSError as e:
+                raise SetupError(f"cannot run {spec.get('program') or argv[0]!r}: "
+                                 f"{e.strerror}") from None
         except (OSError, SetupError) as e:
-            _report(ready_w, f"E {e}")
-        except BaseException as e:  # noqa: BLE001
-            _report(ready_w, f"E unexpected {type(e).__name__}: {e}")
-        os._exit(127)
-    os.close(ready_w)
-    chunks = []
-    while chunk := os.read(ready_r, 4096):
-        chunks.append(chunk)
-    os.close(ready_r)
-    message = b"".join(chunks).decode("utf-8", "replace").strip()
-    if message:
-        _report(report_fd, message)
-        os._exit(127)
+            _report(report_fd, f"E {e}")
+            os._exit(127)
     _report(report_fd, "R")
     for sig in early:
         forward(sig, None)
