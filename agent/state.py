@@ -46,23 +46,15 @@ class Task:
         return mj.is_terminal(self.state)
 
     def view(self, agent_id: str | None) -> dict:
-        """Task JSON (v1 `Task`), plus `info` and `status` for the master's re-registration."""
-        view = {
-            "name": self.info.get("name", ""), "task_id": mj.ident(self.task_id),
-            "framework_id": mj.ident(self.framework_id),
-            "executor_id": mj.ident(self.executor_id),
-            "state": self.state, "resources": self.info.get("resources") or [],
-            "statuses": list(self.statuses), "info": self.info,
-        }
-        if agent_id:
-            view["agent_id"] = mj.ident(agent_id)
+        """The task as a re-registration carries it: its ids, state, latest status and
+        TaskInfo. Nothing else: the master finds the rest (name, resources, labels...) in
+        the TaskInfo, and 10,000 agents re-registering after a failover pay for every byte
+        on both ends."""
+        view = {"task_id": mj.ident(self.task_id), "framework_id": mj.ident(self.framework_id),
+                "executor_id": mj.ident(self.executor_id), "state": self.state,
+                "info": self.info}
         if self.statuses:
             view["status"] = self.statuses[-1]
-            view["status_update_state"] = self.statuses[-1].get("state")
-            view["status_update_uuid"] = self.statuses[-1].get("uuid")
-        for key in ("labels", "discovery", "container", "health_check", "kill_policy"):
-            if key in self.info:
-                view[key] = self.info[key]
         return view
 
     def state_view(self, agent_id: str | None) -> dict:

@@ -1024,7 +1024,8 @@ class Master:
                         executor_id=mj.id_of(t, "executor_id", False) or "",
                         info=t.get("info") or t, state=t.get("state", "TASK_STAGING"),
                         status=t.get("status"),
-                        resources=self.resources(t.get("resources") or []))
+                        resources=self.resources(t.get("resources") or
+                                                 (t.get("info") or {}).get("resources") or []))
             fw.unreachable_tasks.pop(tid, None)
             fw.tasks[tid] = task
             agent.tasks[(fid, tid)] = task
