@@ -30,6 +30,7 @@ import attrs
 from agora import mesos_json as mj
 
 from agent import sandbox
+from agent.procfs import stat_fields
 
 META = "meta"
 UPDATES_FILE = "task.updates"
@@ -291,15 +292,8 @@ def read_json(path: str):
 def process_start_ticks(pid: int) -> int | None:
     """When `pid` started (clock ticks after boot, /proc/<pid>/stat field 22), or None if it
     is gone or a zombie. A pid with another start time is another process (pid reuse)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2:].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields is not None else None
 
 
 @attrs.frozen

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
-from agent.containerizer.launcher import proc_stats
+from agent.procfs import proc_stats, stat_fields
 
 #: (containers) -> {container_id: statistics fields}; a container with no live process may
 #: be absent.
@@ -60,16 +60,6 @@ def posix_usage(containers: list) -> dict[str, dict]:
     return {by_session[sid]: stats for sid, stats in proc_usage(by_session).items()}
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return fields if len(fields) > 21 and fields[0] not in (b"Z", b"X") else None
-
-
 def member_usage(containers: list) -> dict[str, dict]:
     """Each container's members (`container.members()`, e.g. its cgroup's), from /proc."""
     out = {}
@@ -77,7 +67,7 @@ def member_usage(containers: list) -> dict[str, dict]:
         total = {"processes": 0, "threads": 0, "cpus_user_time_secs": 0.0,
                  "cpus_system_time_secs": 0.0, "mem_rss_bytes": 0}
         for pid in container.members() or ():
-            fields = _stat_fields(pid)
+            fields = stat_fields(pid)
             if fields is None:
                 continue
             total["processes"] += 1

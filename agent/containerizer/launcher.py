@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from agora.fd_reader import FdReader
 
+from agent.procfs import proc_stats, stat_fields
 from agent.users import RunAs
 
 log = Logger()
@@ -63,33 +64,6 @@ def describe_status(status: int) -> str:
         sig = os.WTERMSIG(status)
         return f"terminated with signal {signal.strsignal(sig) or sig}"
     return f"exited with status {os.WEXITSTATUS(status)}"
-
-
-def proc_stats() -> list[tuple[int, list[bytes]]] | None:
-    """(pid, stat fields) of every live (non-zombie) process; None if /proc is unusable.
-
-    The fields are those of /proc/<pid>/stat after the command name: state ppid pgrp session
-    tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime priority nice
-    threads itrealvalue starttime vsize rss ...
-    """
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return None
-    out = []
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue  # it ended while we looked
-        # The command name is in parentheses and may itself hold spaces and parentheses.
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 3 and fields[0] not in (b"Z", b"X"):
-            out.append((int(name), fields))
-    return out
 
 
 def session_members(sid: int) -> list[int] | None:
@@ -325,13 +299,8 @@ class RecoveredContainer(Container):
 
 def session_leader_alive(pid: int) -> bool:
     """Whether `pid` still runs (not a zombie) and leads its own session."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return len(fields) > 3 and fields[0] not in (b"Z", b"X") and int(fields[3]) == pid
+    fields = stat_fields(pid)
+    return fields is not None and int(fields[3]) == pid
 
 
 def recover(reactor, container_id: str, pid: int, start_ticks: int | None,
