@@ -24,6 +24,7 @@ AGORA_APT_TEST_PACKAGES=(
     crun                         # reference OCI runtime for comparisons
     iproute2                     # `ip netns` for network tests
     zstd                         # zstd-compressed image layers (the provisioner pipes through it)
+    procps                       # pgrep, in the launch-helper tests
 )
 
 AGORA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
