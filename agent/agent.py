@@ -308,7 +308,7 @@ class Agent:
             for executor in fw.executors.values():
                 if executor.kind != st.COMMAND and executor.state != st.TERMINATED:
                     executors.append(executor.info)
-                tasks.extend(t.view(self.agent_id) for t in executor.tasks.values())
+                tasks.extend(t.view() for t in executor.tasks.values())
         return protocol.ReregisterAgent(
             agent_id=self.agent_id, info=self.agent_info(), version=mj.MESOS_VERSION,
             executors=executors, tasks=tasks, frameworks=frameworks, proof=proof)

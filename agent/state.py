@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 
 from agora import mesos_json as mj
+from agora import protocol
 
 MAX_COMPLETED_TASKS_PER_EXECUTOR = 200  # Mesos's limits (src/slave/constants.hpp)
 MAX_COMPLETED_EXECUTORS_PER_FRAMEWORK = 150
@@ -45,17 +46,14 @@ class Task:
     def terminal(self) -> bool:
         return mj.is_terminal(self.state)
 
-    def view(self, agent_id: str | None) -> dict:
-        """The task as a re-registration carries it: its ids, state, latest status and
-        TaskInfo. Nothing else: the master finds the rest (name, resources, labels...) in
-        the TaskInfo, and 10,000 agents re-registering after a failover pay for every byte
-        on both ends."""
-        view = {"task_id": mj.ident(self.task_id), "framework_id": mj.ident(self.framework_id),
-                "executor_id": mj.ident(self.executor_id), "state": self.state,
-                "info": self.info}
-        if self.statuses:
-            view["status"] = self.statuses[-1]
-        return view
+    def view(self) -> dict:
+        """The task as a re-registration carries it (`protocol.task_entry`): its ids, state,
+        latest status and TaskInfo. Nothing else: the master finds the rest (name, labels...)
+        in the TaskInfo, and 10,000 agents re-registering after a failover pay for every
+        byte on both ends."""
+        return protocol.task_entry(self.task_id, self.framework_id, self.executor_id,
+                                   self.state, self.info,
+                                   self.statuses[-1] if self.statuses else None)
 
     def state_view(self, agent_id: str | None) -> dict:
         """The task as the /state endpoint shows it (Mesos `model(Task)`)."""

@@ -163,10 +163,9 @@ class EmulatedAgent:
         pool = self.pool
         pool.launched += 1
         eid = executor_id or tid
-        # As agent.state.Task.view: ids, state and the TaskInfo (no latest status here).
-        self.tasks[key] = ["TASK_STAGING", task, eid, {
-            "task_id": mj.ident(tid), "framework_id": mj.ident(fid), "executor_id": mj.ident(eid),
-            "state": "TASK_STAGING", "info": task}]
+        # As agent.state.Task.view (no latest status here).
+        self.tasks[key] = ["TASK_STAGING", task, eid,
+                           protocol.task_entry(tid, fid, eid, "TASK_STAGING", task)]
         self._changes += 1
         self._update(key, "TASK_RUNNING")
         if pool.finish_after is not None:

@@ -90,7 +90,7 @@ class Master:
         self._burst = set()  # frameworks that got events this turn: they get a heartbeat
         self._burst_call = None
         self._loops: list = []
-        self._parsed: dict[str, Resources] = {}  # repr of a JSON resource list -> Resources
+        self._parsed: dict[str | bytes, Resources] = {}  # see resources()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -215,12 +215,15 @@ class Master:
         return self.reactor.seconds()
 
     def resources(self, items) -> Resources:
-        """`Resources.from_json(items)` (ValueError if invalid), remembered by the list's repr:
-        agents and tasks repeat a few shapes, and parsing was a third of the master's work
-        when 10,000 agents re-registered with 100,000 tasks. Resources are immutable."""
-        key = repr(items)
+        """`Resources.from_json(items)` (ValueError if invalid), remembered by the list's repr,
+        or by the bytes themselves when `items` came packed (`protocol.task_entry`): agents
+        and tasks repeat a few shapes, and parsing was a third of the master's work when
+        10,000 agents re-registered with 100,000 tasks. Resources are immutable."""
+        key = items if isinstance(items, bytes) else repr(items)
         found = self._parsed.get(key)
         if found is None:
+            if isinstance(items, bytes):
+                items = protocol.unpacked(items)
             found = Resources.from_json(items)
             if len(self._parsed) >= PARSED_RESOURCES_MAX:
                 self._parsed.clear()
@@ -1023,9 +1026,10 @@ class Master:
             task = Task(id=tid, framework_id=fid, agent_id=agent_id,
                         executor_id=mj.id_of(t, "executor_id", False) or "",
                         info=t.get("info") or t, state=t.get("state", "TASK_STAGING"),
-                        status=t.get("status"),
-                        resources=self.resources(t.get("resources") or
-                                                 (t.get("info") or {}).get("resources") or []))
+                        status=t.get("status"), resources=Resources())
+            # Packed resources come beside a packed TaskInfo: it stays packed.
+            task.resources = self.resources(t.get("resources") or
+                                            task.info.get("resources") or [])
             fw.unreachable_tasks.pop(tid, None)
             fw.tasks[tid] = task
             agent.tasks[(fid, tid)] = task

@@ -3,8 +3,12 @@
 from collections import deque
 
 import attrs
+from twisted.logger import Logger
 
+from agora import protocol
 from agora.resources import Resources
+
+log = Logger()
 
 
 def capabilities_of(info: dict) -> set:
@@ -27,13 +31,27 @@ class Task:
     framework_id: str
     agent_id: str
     executor_id: str  # "" for command tasks
-    info: dict  # TaskInfo JSON as launched
+    # TaskInfo JSON as launched, or as an agent's re-registration packed it (decoded on
+    # first use: see protocol.task_entry)
+    _info: dict | bytes = attrs.field(alias="info")
     resources: Resources
     state: str = "TASK_STAGING"
     status: dict | None = None  # latest TaskStatus
     statuses: list = attrs.field(factory=list)  # (state, timestamp) history
     kill_requested: bool = False
     resources_recovered: bool = False
+
+    @property
+    def info(self) -> dict:
+        """The TaskInfo JSON ({} if the agent packed something that is not one)."""
+        if isinstance(self._info, bytes):
+            try:
+                info = protocol.unpacked(self._info)
+            except protocol.ProtocolError as e:
+                log.warn("Task {tid}: unreadable TaskInfo from its agent: {e}", tid=self.id, e=e)
+                info = None
+            self._info = info if isinstance(info, dict) else {}
+        return self._info
 
     @property
     def name(self) -> str:

@@ -4,6 +4,7 @@ The "old" and "new" leaders are two `Master`s sharing one MemoryRegistry (the fa
 the same interface tests as the SQLite and ZooKeeper registries, tests/test_registry.py).
 """
 
+import attrs
 import pytest
 from twisted.internet.task import Clock
 
@@ -153,6 +154,33 @@ def test_agent_that_reregisters_in_time_keeps_its_tasks(clock, registry, old):
     assert agent_id in m.agents and registry.agents[agent_id][0] == "admitted"
     assert m.frameworks[fw1.id].tasks["t1"].state == "TASK_RUNNING"
     assert reconcile(m, m.frameworks[fw1.id], s1, ("t1", agent_id)) == [("t1", "TASK_RUNNING")]
+    m.stop()
+
+
+def test_packed_task_infos_are_read_when_shown_and_garbage_is_no_crash(clock, registry, old):
+    """Tasks re-registered as `protocol.task_entry` keep their TaskInfo packed: the
+    resources count at once, the name and labels show in the views; an entry whose packed
+    TaskInfo is not one is kept with its resources and shows an empty TaskInfo."""
+    _, agent_id, fw1, _ = old
+    m = new_master(clock, registry)
+    resubscribe(m, clock, fw1)
+    cpus = Resources.parse("cpus:1;mem:64").to_json()
+    good = protocol.task_entry("t1", fw1.id, "t1", "TASK_RUNNING", {
+        "name": "web", "task_id": mj.ident("t1"), "resources": cpus,
+        "labels": {"labels": [{"key": "tier", "value": "front"}]}})
+    bad = dict(protocol.task_entry("t9", fw1.id, "t9", "TASK_RUNNING", {"resources": cpus}),
+               info=b"\xc1 not msgpack")
+    msg = reregistration(agent_id, [], [fw1])
+    link = FakeLink()
+    m.agent_connected(link)
+    m.on_agent_message(link, attrs.evolve(msg, tasks=[good, bad]))
+    clock.advance(0)
+    tasks = m.frameworks[fw1.id].tasks
+    assert isinstance(tasks["t1"]._info, bytes)  # nothing read it yet
+    assert m.agents[agent_id].used() == {fw1.id: Resources.parse("cpus:2;mem:128")}
+    view = m.task_view(tasks["t1"])
+    assert view["name"] == "web" and view["labels"]["labels"][0]["value"] == "front"
+    assert m.task_view(tasks["t9"])["name"] == "" and tasks["t9"].info == {}
     m.stop()
 
 
