@@ -8,7 +8,8 @@ each message `[tag, field, field, ...]`. Framing lets a link decode each batch w
 30-100 µs to make: that was a fifth of a new leader's work with 10,000 agents reconnecting).
 Task, executor and framework descriptions travel as Mesos v1 JSON dicts: they come from
 schedulers as JSON and go to executors as JSON, so there is nothing to gain by re-modelling
-them here. This module is the only one that knows the encoding.
+them here. One exception: a re-registering agent's TaskInfos travel packed into bytes of
+their own (`task_entry`). This module is the only one that knows the encoding.
 """
 
 import hashlib

@@ -27,6 +27,7 @@ DEFAULT_REFUSE_SECONDS = 5.0
 MAX_REFUSE_SECONDS = 365 * 86400.0
 #: How many distinct resource lists `Master.resources` remembers before it starts afresh.
 PARSED_RESOURCES_MAX = 4096
+NO_RESOURCES = Resources()  # immutable: one empty set serves every placeholder
 
 
 class CallError(Exception):
@@ -1026,7 +1027,7 @@ class Master:
             task = Task(id=tid, framework_id=fid, agent_id=agent_id,
                         executor_id=mj.id_of(t, "executor_id", False) or "",
                         info=t.get("info") or t, state=t.get("state", "TASK_STAGING"),
-                        status=t.get("status"), resources=Resources())
+                        status=t.get("status"), resources=NO_RESOURCES)
             # Packed resources come beside a packed TaskInfo: it stays packed.
             task.resources = self.resources(t.get("resources") or
                                             task.info.get("resources") or [])

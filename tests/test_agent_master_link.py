@@ -55,6 +55,9 @@ def test_reconnect_reregisters_with_the_running_task(make_cluster):
     [task] = rereg.tasks
     assert task["task_id"] == {"value": "long"} and task["state"] == "TASK_RUNNING"
     assert task["framework_id"] == {"value": "fw-1"} and task["status"]["state"] == "TASK_RUNNING"
+    info = protocol.unpacked(task["info"])  # packed, as protocol.task_entry says
+    assert info["task_id"] == {"value": "long"}
+    assert protocol.unpacked(task["resources"]) == info["resources"]
     assert rereg.frameworks[0]["id"] == {"value": "fw-1"}
     assert rereg.executors == []  # a command executor is the agent's business, not the master's
     wait_for(lambda: c.agent.registered, what="re-registration")
