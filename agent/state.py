@@ -62,7 +62,7 @@ class Task:
             "framework_id": self.framework_id, "executor_id": self.executor_id,
             "slave_id": agent_id or "", "state": self.state,
             "resources": self.info.get("resources") or [],
-            "statuses": [{"state": s.get("state"), "timestamp": s.get("timestamp")}
+            "statuses": [mj.status_view(s.get("state"), s.get("timestamp"), s)
                          for s in self.statuses],
         }
         for key in ("labels", "discovery", "container"):

@@ -96,6 +96,18 @@ def task_status(task_id: str, state: str, *, source: str, timestamp: float,
     return status
 
 
+def status_view(state: str, timestamp, status: dict | None = None) -> dict:
+    """A TaskStatus as a /state `statuses` entry shows it (Mesos's `model(TaskStatus)`): state
+    and timestamp, and the labels, container status (Mesos-DNS reads the task's IP there)
+    and health of `status`, where it has them."""
+    view = {"state": state, "timestamp": timestamp}
+    if status:
+        for key in ("labels", "container_status", "healthy"):
+            if key in status:
+                view[key] = status[key]
+    return view
+
+
 def event(kind: str, payload: dict | None = None) -> dict:
     """A scheduler/executor/operator event: the payload under the lower-cased type."""
     if payload is None:

@@ -249,6 +249,12 @@ def test_a_cni_network_address_is_reported(cluster):
     assert f"inet {address}/24" in sandbox_file(cluster, name)
     assert status["container_status"]["network_infos"] == running["container_status"][
         "network_infos"]
+    # The master's /state shows it in the task's latest status, where Mesos-DNS reads it.
+    state = get_json(cluster["master"].url + "/state")
+    [task] = [t for f in state["frameworks"] + state["completed_frameworks"]
+              for t in f["tasks"] + f["completed_tasks"] if t["id"] == name]
+    assert task["statuses"][-1]["container_status"]["network_infos"] == \
+        status["container_status"]["network_infos"]
 
 
 def test_an_image_that_does_not_exist_fails_the_task_saying_so(cluster):

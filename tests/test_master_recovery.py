@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from agora import mesos_json as mj
 from agora import protocol
 from agora.resources import Resources
+from master.api.views import legacy_task
 from master.master import Master
 from master.registrar import MemoryRegistry, Registrar
 from tests.test_master_unit import FakeLink, FakeStream, add_agent, launch, subscribe
@@ -159,15 +160,17 @@ def test_agent_that_reregisters_in_time_keeps_its_tasks(clock, registry, old):
 
 def test_packed_task_infos_are_read_when_shown_and_garbage_is_no_crash(clock, registry, old):
     """Tasks re-registered as `protocol.task_entry` keep their TaskInfo packed: the
-    resources count at once, the name and labels show in the views; an entry whose packed
-    TaskInfo is not one is kept with its resources and shows an empty TaskInfo."""
+    resources count at once, the name and labels show in the views (the latest status as
+    /state's history); an entry whose packed TaskInfo is not one is kept with its resources
+    and shows an empty TaskInfo."""
     _, agent_id, fw1, _ = old
     m = new_master(clock, registry)
     resubscribe(m, clock, fw1)
     cpus = Resources.parse("cpus:1;mem:64").to_json()
     good = protocol.task_entry("t1", fw1.id, "t1", "TASK_RUNNING", {
         "name": "web", "task_id": mj.ident("t1"), "resources": cpus,
-        "labels": {"labels": [{"key": "tier", "value": "front"}]}})
+        "labels": {"labels": [{"key": "tier", "value": "front"}]}}, mj.task_status(
+        "t1", "TASK_RUNNING", source="SOURCE_EXECUTOR", timestamp=5.0, healthy=True))
     bad = dict(protocol.task_entry("t9", fw1.id, "t9", "TASK_RUNNING", {"resources": cpus}),
                info=b"\xc1 not msgpack")
     msg = reregistration(agent_id, [], [fw1])
@@ -181,6 +184,9 @@ def test_packed_task_infos_are_read_when_shown_and_garbage_is_no_crash(clock, re
     view = m.task_view(tasks["t1"])
     assert view["name"] == "web" and view["labels"]["labels"][0]["value"] == "front"
     assert m.task_view(tasks["t9"])["name"] == "" and tasks["t9"].info == {}
+    shown = legacy_task(tasks["t1"])  # no history here: the latest status stands for it
+    assert shown["labels"] == {"labels": [{"key": "tier", "value": "front"}]}
+    assert shown["statuses"] == [{"state": "TASK_RUNNING", "timestamp": 5.0, "healthy": True}]
     m.stop()
 
 

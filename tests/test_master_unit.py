@@ -125,6 +125,25 @@ def test_offer_launch_update_acknowledge(master, clock):
     assert "t1" not in fw.tasks and fw.completed_tasks[-1].state == "TASK_FINISHED"
 
 
+def test_state_statuses_carry_the_latest_health_and_container_status(master, clock):
+    """/state's `statuses`: one entry per state, the last with the latest update's health,
+    labels and container status (Mesos's model(TaskStatus)); a health change adds none."""
+    from master.api.views import legacy_task
+
+    link, agent_id = add_agent(master, clock)
+    stream, fw = subscribe(master, clock)
+    launch(master, fw, stream.of("OFFERS")[0]["offers"][0], "t1")
+    net = {"network_infos": [{"ip_addresses": [{"ip_address": "10.9.0.2"}]}]}
+    for healthy in (True, False):
+        master.on_agent_message(link, protocol.StatusUpdate(fw.id, mj.task_status(
+            "t1", "TASK_RUNNING", source="SOURCE_EXECUTOR", timestamp=2.0, uuid=mj.new_uuid(),
+            healthy=healthy, container_status=net)))
+    staging, running = legacy_task(fw.tasks["t1"])["statuses"]
+    assert staging.keys() == {"state", "timestamp"} and staging["state"] == "TASK_STAGING"
+    assert running == {"state": "TASK_RUNNING", "timestamp": 2.0, "healthy": False,
+                       "container_status": net}
+
+
 def test_unused_resources_are_reoffered_after_the_filter(master, clock):
     """What an ACCEPT leaves unused returns to the pool, filtered for refuse_seconds."""
     add_agent(master, clock)

@@ -42,8 +42,13 @@ def legacy_task(task: Task) -> dict:
         "id": task.id, "name": task.name, "framework_id": task.framework_id,
         "executor_id": task.executor_id, "slave_id": task.agent_id, "state": task.state,
         "resources": legacy_resources(task.resources),
-        "statuses": [{"state": s, "timestamp": t} for s, t in task.statuses],
     }
+    # A re-registered task has no history here, only its latest status.
+    history = task.statuses or (
+        [(task.state, task.status.get("timestamp"))] if task.status else [])
+    view["statuses"] = [mj.status_view(s, t) for s, t in history]
+    if history and task.status:  # the latest update's labels, health and container status
+        view["statuses"][-1] = mj.status_view(*history[-1], task.status)
     for key in ("labels", "discovery", "container"):
         if key in task.info:
             view[key] = task.info[key]
