@@ -27,7 +27,6 @@ DEFAULT_REFUSE_SECONDS = 5.0
 MAX_REFUSE_SECONDS = 365 * 86400.0
 #: How many distinct resource lists `Master.resources` remembers before it starts afresh.
 PARSED_RESOURCES_MAX = 4096
-NO_RESOURCES = Resources()  # immutable: one empty set serves every placeholder
 
 
 class CallError(Exception):
@@ -904,8 +903,14 @@ class Master:
                 return
             if kind is protocol.RegisterAgent:
                 self._register_agent(link, info, total)
-            else:
-                self._reregister_agent(link, msg, info, total)
+                return
+            try:
+                reported = self._reported_resources(msg)
+            except ValueError as e:
+                link.send(protocol.AgentRefused(message=f"Invalid re-registration: {e}"))
+                link.close()
+                return
+            self._reregister_agent(link, msg, info, total, reported)
             return
         agent = link.agent
         if agent is None:
@@ -954,7 +959,34 @@ class Master:
                  host=agent.hostname, port=agent.port, res=str(total))
         self.trigger_allocation()
 
-    def _reregister_agent(self, link, msg, info: dict, total: Resources) -> None:
+    def _reported_resources(self, msg) -> tuple[list, list]:
+        """The resources of a ReregisterAgent's executors and of its tasks, in its order;
+        ValueError names the first entry that is not valid (nothing is admitted then). A
+        task's resources come packed beside its TaskInfo (`protocol.task_entry`) or, from
+        older agents, in it."""
+        if not isinstance(msg.executors, list) or not isinstance(msg.tasks, list):
+            raise ValueError("executors and tasks must be arrays")
+        executors, tasks = [], []
+        for ex in msg.executors:
+            if not isinstance(ex, dict):
+                raise ValueError(f"executor entry {ex!r:.60} is not an object")
+            executors.append(self.resources(ex.get("resources") or []))
+        for t in msg.tasks:
+            if not isinstance(t, dict):
+                raise ValueError(f"task entry {t!r:.60} is not an object")
+            items = t.get("resources")
+            if not items:
+                info = t.get("info") or t
+                info = protocol.unpacked(info) if isinstance(info, bytes) else info
+                items = info.get("resources") if isinstance(info, dict) else None
+            try:
+                tasks.append(self.resources(items or []))
+            except ValueError as e:
+                raise ValueError(f"task {mj.id_of(t, 'task_id', False)!r}: {e}") from None
+        return executors, tasks
+
+    def _reregister_agent(self, link, msg, info: dict, total: Resources,
+                          reported: tuple[list, list]) -> None:
         agent_id = msg.agent_id
         registered = self.registrar.agents().get(agent_id)
         if registered is not None and registered[0] == "gone":
@@ -963,15 +995,15 @@ class Master:
             link.close()
             return
         if registered == ("admitted", info):  # already durable as it is: nothing to write
-            self._readmitted(link, msg, info, total)
+            self._readmitted(link, msg, info, total, reported)
             return
         link.registering = True
         d = self.registrar.admit(agent_id, info)
-        d.addCallback(lambda _: self._readmitted(link, msg, info, total))
+        d.addCallback(lambda _: self._readmitted(link, msg, info, total, reported))
         d.addErrback(lambda f: (setattr(link, "registering", False),
                                 log.failure("Registry write failed", f)))
 
-    def _readmitted(self, link, msg, info, total) -> None:
+    def _readmitted(self, link, msg, info, total, reported) -> None:
         link.registering = False
         if not link.connected:
             return
@@ -1005,13 +1037,13 @@ class Master:
         recovering = self._recovering.pop(agent_id, None) is not None
         infos = {mj.id_of(f, "id", False): f for f in msg.frameworks if isinstance(f, dict)}
         shutdown = set()
-        for ex in msg.executors:
+        executor_resources, task_resources = reported
+        for ex, res in zip(msg.executors, executor_resources):
             fid = mj.id_of(ex, "framework_id", False)
             eid = mj.id_of(ex, "executor_id", False)
             if fid and eid:
-                res = self.resources(ex.get("resources") or [])
                 agent.executors.setdefault(fid, {})[eid] = Executor(eid, fid, ex, res)
-        for t in msg.tasks:
+        for t, res in zip(msg.tasks, task_resources):
             fid, tid = mj.id_of(t, "framework_id", False), mj.id_of(t, "task_id", False)
             if not fid or not tid:
                 continue
@@ -1027,10 +1059,7 @@ class Master:
             task = Task(id=tid, framework_id=fid, agent_id=agent_id,
                         executor_id=mj.id_of(t, "executor_id", False) or "",
                         info=t.get("info") or t, state=t.get("state", "TASK_STAGING"),
-                        status=t.get("status"), resources=NO_RESOURCES)
-            # Packed resources come beside a packed TaskInfo: it stays packed.
-            task.resources = self.resources(t.get("resources") or
-                                            task.info.get("resources") or [])
+                        status=t.get("status"), resources=res)
             fw.unreachable_tasks.pop(tid, None)
             fw.tasks[tid] = task
             agent.tasks[(fid, tid)] = task

@@ -190,6 +190,29 @@ def test_packed_task_infos_are_read_when_shown_and_garbage_is_no_crash(clock, re
     m.stop()
 
 
+@pytest.mark.parametrize("entry, says", [
+    ({"task_id": {"value": "t1"}, "resources": [{"name": "cpus", "type": "SCALAR",
+                                                  "scalar": {"value": "lots"}}]},
+     "task 't1': resources[0]: resource 'cpus': 'lots' is not a number"),
+    ({"task_id": {"value": "t2"}, "info": b"\xc1"}, "undecodable bytes"),
+    ("not an entry", "task entry 'not an entry' is not an object"),
+])
+def test_a_reregistration_with_an_invalid_task_is_refused_saying_which(
+        clock, registry, old, entry, says):
+    """Nothing is admitted: the agent is told why (AgentRefused) and the link closed."""
+    _, agent_id, fw1, _ = old
+    m = new_master(clock, registry)
+    link = FakeLink()
+    m.agent_connected(link)
+    m.on_agent_message(link, attrs.evolve(reregistration(agent_id, [], [fw1]), tasks=[entry]))
+    clock.advance(0)
+    [refused] = link.of(protocol.AgentRefused)
+    assert refused.message.startswith("Invalid re-registration: ") and says in refused.message
+    assert not link.connected and not link.of(protocol.AgentRegistered)
+    assert agent_id not in m.agents  # still awaited from the registry, not admitted
+    m.stop()
+
+
 def test_agents_not_back_within_the_timeout_are_unreachable(clock, registry, old):
     """Past --agent-reregister-timeout the agent is unreachable (in the registry too);
     when it returns, tasks of frameworks that are not PARTITION_AWARE are killed."""
