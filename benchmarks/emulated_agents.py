@@ -162,6 +162,7 @@ class EmulatedAgent:
             return
         pool = self.pool
         pool.launched += 1
+        pool._held += 1
         eid = executor_id or tid
         # As agent.state.Task.view (no latest status here).
         self.tasks[key] = ["TASK_STAGING", task, eid,
@@ -209,6 +210,8 @@ class EmulatedAgent:
     def _forget(self, key) -> None:
         record = self.tasks.pop(key, None)
         self._changes += 1
+        if record is not None:
+            self.pool._held -= 1
         if record is not None and record[0] == "TASK_RUNNING":
             self.pool._running -= 1
         call = self._finish_calls.pop(key, None)
@@ -235,7 +238,7 @@ class EmulatedAgents:
     def __init__(self, reactor, master: tuple[str, int], count: int,
                  resources: str = DEFAULT_RESOURCES, finish_after: float | None = None, *,
                  secret: bytes | None = None, registration_timeout: float = 60.0,
-                 reconnect_initial: float = 0.1):
+                 reconnect_initial: float = 0.1, first_index: int = 0):
         self.reactor = reactor
         self.master = master
         self.resources_json = Resources.parse(resources).to_json()
@@ -252,8 +255,9 @@ class EmulatedAgents:
         self.updates_dropped = 0  # while not registered
         self.on_ack = None  # called with each StatusUpdateAck, if set
         self._running = 0
+        self._held = 0  # tasks in a non-terminal state
         self._by_master: collections.Counter = collections.Counter()
-        self.agents = [EmulatedAgent(self, i) for i in range(count)]
+        self.agents = [EmulatedAgent(self, first_index + i) for i in range(count)]
 
     def start(self, batch: int = 500, progress=None) -> defer.Deferred:
         """Connect every agent, `batch` at a time; fires with the pool once all registered.
@@ -305,7 +309,7 @@ class EmulatedAgents:
 
     def tasks(self) -> int:
         """Tasks the agents hold in a non-terminal state."""
-        return sum(len(a.tasks) for a in self.agents)
+        return self._held
 
     def _moved(self, old: str | None, new: str) -> None:
         if old is not None:

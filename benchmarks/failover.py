@@ -14,13 +14,15 @@ every update. Then the leader is SIGKILLed and the benchmark times, from the kil
 * `first_offer_s`: the scheduler, re-subscribed with its framework id as soon as the new
   leader is known, receives its first OFFERS from the new leader.
 
-The agents follow the leader through ZooKeeper as the real agent does (`agent.master_detector.
-ZooKeeperMaster` driving `MasterLink.set_master`), except that one detector in this process
-drives all N links instead of one ZooKeeper session per agent.
+The agents live in `--agent-processes` worker processes (`benchmarks/agent_workers.py`) and
+follow the leader through ZooKeeper as the real agent does (`agent.master_detector.
+ZooKeeperMaster` driving `MasterLink.set_master`), except that one detector per worker drives
+all its links instead of one ZooKeeper session per agent.
 
     python benchmarks/failover.py                                   # 10,000 agents, 100,000 tasks
     python benchmarks/failover.py --agents 1000 --tasks 10000
     python benchmarks/failover.py --profile /tmp/fo                 # py-spy the new leader
+    python benchmarks/failover.py --agent-processes 1               # all agents in one worker
 
 Prints progress and, on its last line, `key=value` figures.
 """
@@ -41,8 +43,8 @@ from twisted.internet import task as ttask  # noqa: E402
 
 from agent.master_detector import ZooKeeperMaster  # noqa: E402
 from agora import zookeeper  # noqa: E402
-from benchmarks.emulated_agents import (DEFAULT_RESOURCES, FD_HEADROOM,  # noqa: E402
-                                        EmulatedAgents, raise_fd_limit)
+from benchmarks.agent_workers import AgentWorkers  # noqa: E402
+from benchmarks.emulated_agents import DEFAULT_RESOURCES, FD_HEADROOM, raise_fd_limit  # noqa: E402
 from benchmarks.master_launch import (MasterProcess, Profiler, Scheduler, Stats, run_bench,  # noqa: E402
                                       _EventStream, _Factory, http_request, load_average,
                                       self_cpu, wait_until)
@@ -76,13 +78,15 @@ class Bench:
     def __init__(self, reactor, args, work_dir: str):
         self.reactor, self.args, self.work_dir = reactor, args, work_dir
         self.fig: dict = {"agents": args.agents, "tasks": args.tasks,
+                          "agent_processes": args.agent_processes,
                           "zk_session_timeout": args.zk_session_timeout,
                           "loadavg_before": load_average()}
         self.stats = Stats()
         self.profiler = Profiler(args.profile, args.profile_rate)
-        # The agents' side of the same window (they share this process with the scheduler).
-        self.client_profiler = Profiler(args.profile and args.profile + "-agents",
-                                        args.profile_rate)
+        # The agents' side of the same window, one profile per worker.
+        self.client_profilers = [Profiler(args.profile and f"{args.profile}-agents{i}",
+                                          args.profile_rate)
+                                 for i in range(args.agent_processes)]
         self.zk = None
         self.masters: dict[int, MasterProcess] = {}  # port -> process
         self.leader = None  # (host, port) as ZooKeeper says
@@ -126,16 +130,13 @@ class Bench:
         if host:
             self.leader_changed_at[(host, port)] = time.monotonic()
             self.say(f"ZooKeeper: leading master is {host}:{port}")
-            if self.pool is not None:
-                for agent in self.pool.agents:
-                    agent.link.set_master(host, port)
 
     # --- the run ---------------------------------------------------------------------
 
     @defer.inlineCallbacks
     def run(self):
         args, fig, reactor = self.args, self.fig, self.reactor
-        raise_fd_limit(args.agents + 4 * args.max_calls + FD_HEADROOM)
+        raise_fd_limit(4 * args.max_calls + FD_HEADROOM)
         url = yield threads.deferToThread(self.start_zookeeper)
         yield self.start_master("m0", url)
         yield ttask.deferLater(reactor, 1.0, lambda: None)  # m0 first in the election
@@ -147,13 +148,11 @@ class Bench:
         leader = self.masters[self.leader[1]]
 
         # Agents register with the leader.
-        self.pool = pool = EmulatedAgents(reactor, self.leader, args.agents,
-                                          args.agent_resources)
-        pool.on_ack = lambda msg: self.stats.agent_got_ack(msg.uuid)
-        step = max(args.agents // 5, args.batch)
+        self.pool = pool = AgentWorkers(reactor, url, args.agents, args.agent_processes,
+                                        args.agent_resources, args.batch)
         t0 = time.monotonic()
-        yield pool.start(batch=args.batch, progress=lambda done, total: (
-            done % step == 0 or done == total) and self.say(f"registered {done}/{total}"))
+        yield pool.start(args.timeout, progress=lambda done, total: self.say(
+            f"registered {done}/{total}"))
         fig["register_s"] = round(time.monotonic() - t0, 2)
         self.say(f"{args.agents} agents registered in {fig['register_s']}s")
 
@@ -175,15 +174,16 @@ class Bench:
 
         # Failover.
         old = self.leader
-        old_id = pool.agents[0].master_id
+        [old_id] = pool.masters()
         held = pool.tasks()
         standby = next(m for p, m in self.masters.items() if p != old[1])
         fig["master_rss_before_mb"] = round(leader.rss_mb())
         cpu0 = standby.cpu_seconds()
         fig["standby_cpu_before_s"] = round(cpu0, 2)  # mostly mirroring the registry
         yield self.profiler.start(reactor, standby.pid, "failover")
-        yield self.client_profiler.start(reactor, os.getpid(), "failover")
-        client_cpu0 = self_cpu()
+        for profiler, pid in zip(self.client_profilers, pool.pids):
+            yield profiler.start(reactor, pid, "failover")
+        client_cpu0 = self_cpu() + pool.cpu_seconds()
         challenges0 = pool.challenges
         t_kill = time.monotonic()
         leader.kill()
@@ -235,9 +235,10 @@ class Bench:
         fig["reregistered_s"] = round(t_rereg - t_kill, 3)
         fig["reregister_s"] = round(t_rereg - t_elected, 3)
         fig["reregister_master_cpu_s"] = round(standby.cpu_seconds() - cpu0, 2)
-        fig["reregister_client_cpu_s"] = round(self_cpu() - client_cpu0, 2)
+        fig["reregister_client_cpu_s"] = round(self_cpu() + pool.cpu_seconds() - client_cpu0, 2)
         yield self.profiler.stop("new leader, from the kill to every agent re-registered")
-        yield self.client_profiler.stop("this process (agents), the same window")
+        for i, profiler in enumerate(self.client_profilers):
+            yield profiler.stop(f"agent worker {i}, the same window")
         self.say(f"all {args.agents} agents re-registered {fig['reregistered_s']}s after the "
                  f"kill ({fig['reregister_s']}s after the election)")
         yield sub_d
@@ -273,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", type=int, default=100000)
     p.add_argument("--task", default="cpus:0.01;mem:1", help="resources of one task")
     p.add_argument("--agent-resources", default=DEFAULT_RESOURCES)
+    p.add_argument("--agent-processes", type=int, default=2, metavar="K",
+                   help="worker processes playing the agents between them")
     p.add_argument("--allocation-interval", type=float, default=1.0, metavar="SECS")
     p.add_argument("--zk-session-timeout", type=float, default=2.0, metavar="SECS",
                    help="the masters' ZooKeeper session timeout (ZooKeeper here has "

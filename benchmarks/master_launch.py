@@ -925,13 +925,10 @@ def main(argv=None) -> int:
     return status
 
 
-def run_bench(reactor, bench) -> int:
-    """Run `bench.run()` under the reactor, then `bench.stop()`; 0 on success, else 1.
-
-    This process plays thousands of agents: it logs only warnings (to stderr), and its
-    collector gets the master's thresholds (master/service.py), so that it is not the
-    bottleneck it would be with a full collection every time its heap grows by a quarter.
-    """
+def quiet_process() -> None:
+    """For a process playing thousands of agents: log only warnings (to stderr), and give
+    its collector the master's thresholds (master/service.py), so that it is not the
+    bottleneck it would be with a full collection every time its heap grows by a quarter."""
     import gc
 
     from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
@@ -943,6 +940,12 @@ def run_bench(reactor, bench) -> int:
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(
         textFileLogObserver(sys.stderr),
         [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)])], redirectStandardIO=False)
+
+
+def run_bench(reactor, bench) -> int:
+    """Run `bench.run()` under the reactor (in a `quiet_process`), then `bench.stop()`; 0 on
+    success, else 1."""
+    quiet_process()
     outcome = []
 
     def failed(f):
