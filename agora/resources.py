@@ -353,7 +353,7 @@ class Resources:
     (by name, then role).
     """
 
-    __slots__ = ("_map", "_order")
+    __slots__ = ("_map", "_order", "_hash")
 
     def __init__(self, items: Iterable[Resource] | str = ()) -> None:
         if isinstance(items, str):
@@ -367,6 +367,7 @@ class Resources:
             m = {k: v for k, v in m.items() if v}
         object.__setattr__(self, "_map", m)
         object.__setattr__(self, "_order", None)
+        object.__setattr__(self, "_hash", None)
 
     def __setattr__(self, name, value):
         raise AttributeError("Resources is immutable")
@@ -376,6 +377,7 @@ class Resources:
         obj = object.__new__(cls)
         object.__setattr__(obj, "_map", m)
         object.__setattr__(obj, "_order", None)
+        object.__setattr__(obj, "_hash", None)
         return obj
 
     # --- construction --------------------------------------------------------------
@@ -487,7 +489,11 @@ class Resources:
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(frozenset(self._map.items()))
+        h = self._hash
+        if h is None:  # immutable: computed once (views are cached by value)
+            h = hash(frozenset(self._map.items()))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     # --- arithmetic ----------------------------------------------------------------
 

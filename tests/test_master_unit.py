@@ -144,6 +144,32 @@ def test_state_statuses_carry_the_latest_health_and_container_status(master, clo
                        "container_status": net}
 
 
+def test_legacy_resources_form_and_its_cache():
+    """Scalars summed over roles, ranges merged, set items united, zero defaults; equal
+    Resources get the same (cached) dict."""
+    from master.api.views import legacy_resources
+
+    res = Resources.parse("cpus:2;cpus(web):1.5;ports:[31000-31005];ports(web):[31006-31010];"
+                          "zones:{b,a};zones(web):{c}")
+    assert legacy_resources(res) == {"cpus": 3.5, "mem": 0.0, "disk": 0.0, "gpus": 0.0,
+                                     "ports": "[31000-31010]", "zones": "{a, b, c}"}
+    assert legacy_resources(Resources.parse(str(res))) is legacy_resources(res)
+
+
+def test_state_summary_has_frameworks_without_their_tasks(master, clock):
+    from master.api.views import legacy_state
+
+    link, agent_id = add_agent(master, clock)
+    stream, fw = subscribe(master, clock)
+    launch(master, fw, stream.of("OFFERS")[0]["offers"][0], "t1")
+    [summary] = legacy_state(master, summary=True)["frameworks"]
+    [full] = legacy_state(master)["frameworks"]
+    assert "tasks" not in summary and "offers" not in summary
+    assert [t["id"] for t in full["tasks"]] == ["t1"]
+    assert summary == {k: v for k, v in full.items()
+                       if k not in ("tasks", "unreachable_tasks", "completed_tasks", "offers")}
+
+
 def test_unused_resources_are_reoffered_after_the_filter(master, clock):
     """What an ACCEPT leaves unused returns to the pool, filtered for refuse_seconds."""
     add_agent(master, clock)

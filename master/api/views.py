@@ -1,23 +1,30 @@
 """JSON views of the master's state, in the shapes of Mesos's legacy and v1 endpoints."""
 
+import functools
+
 from agora import mesos_json as mj
 from agora.resources import Resources
 from master.master import Master
 from master.records import Agent, Framework, Task
 
 
+@functools.lru_cache(maxsize=4096)
 def legacy_resources(res: Resources) -> dict:
-    """The `{"cpus": 4.0, "ports": "[31000-32000]"}` form of /master/state."""
-    out = {name: value for name, value in res.scalars().items()}
-    for name in {r.name for r in res if r.type == "RANGES"}:
-        out[name] = "[" + ", ".join(f"{b}-{e}" for b, e in res.ranges(name)) + "]"
-    for r in res:
-        if r.type == "SET":
-            out[r.name] = "{" + ", ".join(sorted(r.value)) + "}"
-    out.setdefault("cpus", 0.0)
-    out.setdefault("mem", 0.0)
-    out.setdefault("disk", 0.0)
-    out.setdefault("gpus", 0.0)
+    """The `{"cpus": 4.0, "ports": "[31000-32000]"}` form of /master/state.
+
+    Cached by value, so equal Resources share one dict (callers must not change it): a
+    cluster's tasks and agents come in a few shapes, and building this form anew for each
+    of 100,000 tasks was most of the time /master/state took.
+    """
+    out: dict = res.scalars()
+    for name in sorted(res.names() - out.keys()):
+        ranges = res.ranges(name)
+        if ranges:
+            out[name] = "[" + ", ".join(f"{b}-{e}" for b, e in ranges) + "]"
+        else:
+            out[name] = "{" + ", ".join(sorted(res.set_items(name))) + "}"
+    for name in ("cpus", "mem", "disk", "gpus"):
+        out.setdefault(name, 0.0)
     return out
 
 
@@ -55,11 +62,13 @@ def legacy_task(task: Task) -> dict:
     return view
 
 
-def legacy_framework(master: Master, fw: Framework) -> dict:
+def legacy_framework(master: Master, fw: Framework, tasks: bool = True) -> dict:
+    """A framework as /master/state shows it; without its tasks and offers for
+    /state-summary (`tasks=False`)."""
     used = Resources.sum(t.resources for t in fw.tasks.values() if not t.resources_recovered)
     offered = Resources.sum(master.offers[o].resources for o in fw.offers if o in master.offers)
     info = fw.info
-    return {
+    view = {
         "id": fw.id, "name": fw.name, "user": info.get("user", ""),
         "hostname": info.get("hostname", ""), "webui_url": info.get("webui_url", ""),
         "role": fw.roles[0] if fw.roles else "*", "roles": list(fw.roles),
@@ -72,16 +81,18 @@ def legacy_framework(master: Master, fw: Framework) -> dict:
         "active": fw.connected, "connected": fw.connected, "recovered": False,
         "resources": legacy_resources(used + offered), "used_resources": legacy_resources(used),
         "offered_resources": legacy_resources(offered),
-        "tasks": [legacy_task(t) for t in fw.tasks.values()],
-        "unreachable_tasks": [legacy_task(t) for t in fw.unreachable_tasks.values()],
-        "completed_tasks": [legacy_task(t) for t in fw.completed_tasks],
-        "offers": [{"id": o, "framework_id": fw.id,
-                    "slave_id": master.offers[o].agent_id,
-                    "resources": legacy_resources(master.offers[o].resources)}
-                   for o in fw.offers if o in master.offers],
         "executors": [],
         "labels": (info.get("labels") or {}).get("labels", []),
     }
+    if tasks:
+        view["tasks"] = [legacy_task(t) for t in fw.tasks.values()]
+        view["unreachable_tasks"] = [legacy_task(t) for t in fw.unreachable_tasks.values()]
+        view["completed_tasks"] = [legacy_task(t) for t in fw.completed_tasks]
+        view["offers"] = [{"id": o, "framework_id": fw.id,
+                           "slave_id": master.offers[o].agent_id,
+                           "resources": legacy_resources(master.offers[o].resources)}
+                          for o in fw.offers if o in master.offers]
+    return view
 
 
 def legacy_agent(master: Master, agent: Agent) -> dict:
@@ -115,9 +126,7 @@ def legacy_state(master: Master, summary: bool = False) -> dict:
     }
     if summary:
         state["slaves"] = [legacy_agent(master, a) for a in agents]
-        state["frameworks"] = [{k: v for k, v in legacy_framework(master, f).items()
-                                if k not in ("tasks", "completed_tasks", "offers",
-                                             "unreachable_tasks")}
+        state["frameworks"] = [legacy_framework(master, f, tasks=False)
                                for f in master.frameworks.values()]
         return state
     state["slaves"] = [legacy_agent(master, a) for a in agents]
