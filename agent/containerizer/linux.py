@@ -160,6 +160,7 @@ class LinuxLauncher:
 
     def _attempt(self, left: int) -> None:
         factory = ClientFactory()
+        factory.noisy = False  # no "Starting factory" log line for each attempt
         factory.protocol = lambda: _HelperConnection(self)
         factory.clientConnectionFailed = lambda connector, reason: self._refused(left, reason)
         self.reactor.connectUNIX(self.address, factory)
