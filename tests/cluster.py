@@ -13,6 +13,8 @@ import sys
 import time
 import urllib.request
 
+from agent.containerizer import agent_cgroups_root
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -148,6 +150,18 @@ class AgentProcess(Process):
                          str(tmp_path / f"{name}.log"), r"Agent: http://([\d.]+):(\d+)")
         self.port = int(self.match.group(2))
         self.url = f"http://127.0.0.1:{self.port}"
+
+
+def container_cgroups(agent: AgentProcess) -> list:
+    """The container cgroups (paths) under `agent`'s own cgroup root in the v1 hierarchies
+    the agent uses; none without the linux launcher."""
+    root = agent_cgroups_root("agora", os.path.join(agent.work_dir, "run"))
+    found = []
+    for hierarchy in ("cpu", "cpuacct", "memory", "pids", "freezer"):
+        base = f"/sys/fs/cgroup/{hierarchy}/{root}"
+        if os.path.isdir(base):
+            found += [f"{base}/{n}" for n in os.listdir(base) if os.path.isdir(f"{base}/{n}")]
+    return found
 
 
 def descendants(pid: int) -> list:

@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 from agent.containerizer import agent_cgroups_root
-from tests.cluster import AgentProcess, MasterProcess, get_json, wait_for
+from tests.cluster import AgentProcess, MasterProcess, container_cgroups, get_json, wait_for
 from tests.images import busybox_images  # noqa: F401  (fixture)
 from tests.schedulers import Recorder, start_driver, unique
 
@@ -269,15 +269,9 @@ def test_an_image_that_does_not_exist_fails_the_task_saying_so(cluster):
 def test_nothing_of_any_container_is_left(cluster):
     """After every task above: no container cgroup, mount, process or runtime directory."""
     agent = cluster["agent"]
-    root = agent_cgroups_root("agora", os.path.join(agent.work_dir, "run"))
 
     def leftovers():
-        found = []
-        for hierarchy in ("cpu", "cpuacct", "memory", "pids", "freezer"):
-            base = f"/sys/fs/cgroup/{hierarchy}/{root}"
-            if os.path.isdir(base):
-                found += [f"{base}/{n}" for n in os.listdir(base)
-                          if os.path.isdir(f"{base}/{n}")]
+        found = container_cgroups(agent)
         runtime = os.path.join(agent.work_dir, "run", "containers")
         if os.path.isdir(runtime):
             found += os.listdir(runtime)

@@ -11,8 +11,8 @@ from pymesos import MesosSchedulerDriver
 
 from agora import recordio
 
-from tests.cluster import (AgentProcess, LocalCluster, MasterProcess, get_json, post_json,
-                           processes_with, wait_for)
+from tests.cluster import (AgentProcess, LocalCluster, MasterProcess, container_cgroups,
+                           get_json, post_json, processes_with, wait_for)
 from tests.schedulers import Recorder, framework_info, start_driver, unique
 
 
@@ -278,9 +278,18 @@ def test_agent_loss_makes_tasks_lost_or_unreachable(tmp_path, partition_aware):
     finally:
         driver.stop()
         driver.join()
-        master.stop()
-        for pid in processes_with(name):
-            os.kill(pid, signal.SIGKILL)
+        # What an operator does with a dead agent's host: start the agent again on its work
+        # dir with --recover cleanup, which destroys what the dead one left running.
+        again = AgentProcess(tmp_path, master.address,
+                             args=["--resources", "cpus:2;mem:1024", "--recover", "cleanup"])
+        try:
+            wait_for(lambda: not processes_with(name), what="the orphaned task destroyed")
+            wait_for(lambda: not container_cgroups(again), what="its cgroups removed")
+        finally:
+            again.stop()
+            master.stop()
+            for pid in processes_with(name):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_agent_secret_handshake(tmp_path):
