@@ -169,6 +169,15 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-master"))
     m.add_argument("--secret-file", default=None,
                    help="file holding a secret agents must prove they know")
+    m.add_argument("--credentials", default=None, metavar="FILE",
+                   help="principals and secrets for HTTP authentication: Mesos's JSON "
+                        '({"credentials": [{"principal": P, "secret": S}]}) or one '
+                        "'principal secret' per line")
+    for kind, what in (("frameworks", "the scheduler API (frameworks)"),
+                       ("readonly", "state endpoints and read-only operator calls"),
+                       ("readwrite", "operator calls that change state")):
+        m.add_argument(f"--authenticate-http-{kind}", action="store_true",
+                       help=f"require credentials (HTTP Basic) on {what}")
     m.add_argument("--zk", default=None, metavar="zk://HOST:PORT[,HOST:PORT...]/PATH",
                    help="run as one of several masters: elect the leader in ZooKeeper under "
                         "PATH (use /mesos for mesoshttp clients); followers redirect to it")

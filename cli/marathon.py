@@ -59,6 +59,10 @@ def scheduler_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-running-deployments", type=_count, default=100, metavar="N")
     g.add_argument("--zk-max-versions", type=_count, default=50, metavar="N",
                    help="versions kept per app (default 50)")
+    g.add_argument("--mesos-authentication-principal", default=None, metavar="P",
+                   help="authenticate to the master as P (needs the secret file)")
+    g.add_argument("--mesos-authentication-secret-file", default=None, metavar="FILE",
+                   help="file holding the principal's secret")
 
 
 def add_parsers(sub) -> None:
@@ -76,6 +80,9 @@ def add_parsers(sub) -> None:
                                                     "reach us by (default: this host's)")
     m.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-marathon"),
                    help="where the embedded store (marathon.sqlite) lives without --zk")
+    m.add_argument("--http-credentials", default=None, metavar="USER:PASSWORD",
+                   help="require HTTP Basic authentication with these credentials on every "
+                        "endpoint but /ping (Marathon's --http_credentials)")
     m.add_argument("--store", choices=("sqlite", "zk", "memory"), default=None,
                    help="where apps, deployments and instances are kept (default: zk with "
                         "--zk, else a SQLite file in --work-dir)")
@@ -89,11 +96,32 @@ def add_parsers(sub) -> None:
                      help=f"Marathon's URL (default $MARATHON_URL or {DEFAULT_URL})")
 
 
+def _mesos_secret(args) -> str:
+    """The secret for --mesos-authentication-principal; SystemExit saying what is missing."""
+    if not args.mesos_authentication_principal:
+        if args.mesos_authentication_secret_file:
+            sys.exit("agora: --mesos-authentication-secret-file needs "
+                     "--mesos-authentication-principal")
+        return ""
+    if not args.mesos_authentication_secret_file:
+        sys.exit("agora: --mesos-authentication-principal needs "
+                 "--mesos-authentication-secret-file FILE")
+    try:
+        with open(args.mesos_authentication_secret_file, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"agora: cannot read --mesos-authentication-secret-file: {e}")
+    if not secret:
+        sys.exit(f"agora: {args.mesos_authentication_secret_file} is empty")
+    return secret
+
+
 def options_from(args, hostname: str | None = None):
     from frameworks.marathon.scheduler import Options
     import getpass
 
     return Options(
+        principal=args.mesos_authentication_principal or "", secret=_mesos_secret(args),
         framework_name=args.framework_name, role=args.mesos_role,
         user=args.mesos_user or getpass.getuser(), failover_timeout=args.failover_timeout,
         max_instances_per_offer=args.max_instances_per_offer,
@@ -117,6 +145,7 @@ def run(args) -> int:
 
     from twisted.internet import reactor
 
+    from agora.http_auth import Credentials
     from cli.run import _serve, setup_logging
     from frameworks.marathon.service import MarathonService
 
@@ -124,11 +153,18 @@ def run(args) -> int:
     if args.store == "zk" and not args.zk:
         print("agora: --store zk needs --zk zk://HOST:PORT/PATH", file=sys.stderr)
         return 2
+    credentials = None
+    if args.http_credentials is not None:
+        try:
+            credentials = Credentials.parse(args.http_credentials)
+        except ValueError:
+            print("agora: --http-credentials: expected USER:PASSWORD", file=sys.stderr)
+            return 2
     hostname = args.hostname or socket.gethostname()
     service = MarathonService(
         reactor, master=args.master, port=args.port, ip=args.ip, hostname=hostname,
         work_dir=args.work_dir, zk=args.zk, zk_session_timeout=args.zk_session_timeout,
-        store=args.store, options=options_from(args, hostname),
+        store=args.store, options=options_from(args, hostname), http_credentials=credentials,
         max_versions=args.zk_max_versions,
         max_running_deployments=args.max_running_deployments)
     rc = _serve(reactor, [service],

@@ -72,6 +72,7 @@ def _serve(reactor, services: list, banner) -> int:
 
 def run_master(reactor, args, secret) -> int:
     from agora import zookeeper
+    from agora.http_auth import Credentials
     from master.service import MasterService
 
     if args.zk:
@@ -86,9 +87,23 @@ def run_master(reactor, args, secret) -> int:
     elif args.registry == "zk":
         print("agora: --registry zk needs --zk zk://HOST:PORT/PATH", file=sys.stderr)
         return 2
+    authenticate = frozenset(kind for kind in ("frameworks", "readonly", "readwrite")
+                             if getattr(args, f"authenticate_http_{kind}"))
+    credentials = None
+    if args.credentials:
+        try:
+            credentials = Credentials.load(args.credentials)
+        except ValueError as e:
+            print(f"agora: --credentials: {e}", file=sys.stderr)
+            return 2
+    elif authenticate:
+        print("agora: --authenticate-http-* needs --credentials FILE (the principals and "
+              "secrets to accept)", file=sys.stderr)
+        return 2
     master = MasterService(reactor, ip=args.ip, port=args.port, work_dir=args.work_dir,
                            registry=args.registry, hostname=args.hostname, secret=secret,
                            zk=args.zk, zk_session_timeout=args.zk_session_timeout,
+                           credentials=credentials, authenticate=authenticate,
                            **_master_kwargs(args))
     return _serve(reactor, [master],
                   lambda: print(f"Master: http://{args.ip}:{master.port}", flush=True))

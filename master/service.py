@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from agora import protocol
 from agora import zookeeper
 from agora.http import HTTPFactory, Router, json_response, listen
+from agora.http_auth import Authenticator, Credentials
 from agora.link import Link
 from master.api import legacy, views
 from master.api.operator import OperatorAPI, metrics_snapshot
@@ -247,12 +248,18 @@ class MasterService:
     leadership (replaceable for tests). `registry` is "zk" (the default with `zk`: znodes
     under `<path>_registry`), "sqlite" (the default without: `<work_dir>/registry.sqlite`)
     or "in_memory". The master recovers from the registry when it starts leading.
+
+    `authenticate` names which HTTP APIs need one of `credentials` (as Mesos's
+    `--authenticate_http_*` flags): "frameworks" (the scheduler API), "readonly" (state
+    endpoints and the operator API's GET_* calls and SUBSCRIBE), "readwrite" (the operator
+    API's other calls). `/health`, `/redirect` and `/version` stay open.
     """
 
     def __init__(self, reactor, *, ip: str = "127.0.0.1", port: int = 5050,
                  work_dir: str | None = None, registry: str | None = None,
                  hostname: str | None = None, secret: bytes | None = None,
                  zk: str | None = None, zk_session_timeout: float = 10.0,
+                 credentials: Credentials | None = None, authenticate: frozenset = frozenset(),
                  abort=_exit, **options):
         self.reactor = reactor
         self.zk = zookeeper.parse_url(zk) if zk else None
@@ -287,10 +294,17 @@ class MasterService:
                              **options)
         leader = self.leader if self.zk is not None else None
         confirmed = self._confirmed if self.zk is not None else (lambda handler: handler)
+        if authenticate and credentials is None:
+            raise ValueError("authenticating HTTP requests needs credentials")
+        auth = Authenticator(credentials, "mesos") if credentials is not None else None
+        frameworks, readonly, readwrite = (auth if kind in authenticate else None
+                                           for kind in ("frameworks", "readonly", "readwrite"))
         self.router = Router()
-        self.router.add("/api/v1/scheduler", confirmed(SchedulerAPI(self.master, leader)),
+        self.router.add("/api/v1/scheduler",
+                        confirmed(SchedulerAPI(self.master, leader, frameworks)),
                         methods=("POST",))
-        self.router.add("/api/v1", confirmed(OperatorAPI(self.master, leader)),
+        self.router.add("/api/v1", confirmed(OperatorAPI(self.master, leader, readonly,
+                                                         readwrite)),
                         methods=("POST",))
         # A follower's /state names the real leader; its metrics say it is not elected.
         own = {"state": self._state(False), "state.json": self._state(False),
@@ -302,6 +316,9 @@ class MasterService:
             elif name == "redirect":
                 handler = confirmed(handler)
             handler = own.get(name, handler)
+            # pymesos asks for /version without credentials (and works without the answer)
+            if readonly is not None and name not in ("health", "redirect", "version"):
+                handler = readonly.guard(handler)
             self.router.add(prefix, handler, methods=methods)
         self.port = None
         self._listening = None

@@ -78,15 +78,18 @@ def _callbacks_class():
 class Driver:
     """One pymesos MesosSchedulerDriver for `target` (which has the `on_*` methods)."""
 
-    def __init__(self, reactor, target, master: str, framework: dict):
+    def __init__(self, reactor, target, master: str, framework: dict,
+                 principal: str | None = None, secret: str | None = None):
         from pymesos import MesosSchedulerDriver
 
         self.reactor = reactor
         self.master = master
         self.callbacks = _callbacks_class()(reactor, target)
-        # Explicit acknowledgements: an update is acknowledged only once it is stored.
+        # Explicit acknowledgements: an update is acknowledged only once it is stored. With a
+        # principal, pymesos authenticates every call (HTTP Basic).
         self.driver = MesosSchedulerDriver(self.callbacks, framework, master, use_addict=False,
-                                           implicit_acknowledgements=False, failover=True)
+                                           implicit_acknowledgements=False, failover=True,
+                                           principal=principal, secret=secret)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="marathon-driver-calls",
                                         daemon=True)

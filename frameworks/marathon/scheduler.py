@@ -51,6 +51,8 @@ class Options:
     housekeeping_interval: float = 1.0
     hostname: str = "localhost"
     webui_url: str = ""
+    principal: str = ""  # authenticates to the master (with `secret`) and goes in FrameworkInfo
+    secret: str = attrs.field(default="", repr=False)
 
 
 class Scheduler:
@@ -88,6 +90,8 @@ class Scheduler:
                 "capabilities": [{"type": "PARTITION_AWARE"}]}
         if o.webui_url:
             info["webui_url"] = o.webui_url
+        if o.principal:
+            info["principal"] = o.principal
         if self.state.framework_id:
             info["id"] = {"value": self.state.framework_id}
         return info
@@ -96,7 +100,10 @@ class Scheduler:
         if self.driver_factory is None:
             from frameworks.marathon.driver import Driver
             self.driver_factory = Driver
-        self.driver = self.driver_factory(self.reactor, self, self.master, self.framework_info())
+        o = self.options
+        credentials = {"principal": o.principal, "secret": o.secret} if o.principal else {}
+        self.driver = self.driver_factory(self.reactor, self, self.master, self.framework_info(),
+                                          **credentials)
         self.driver.start()
         self._timer = task.LoopingCall(self.housekeeping)
         self._timer.clock = self.reactor

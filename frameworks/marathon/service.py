@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from agora import http, zookeeper
 from agora.http import Response
+from agora.http_auth import Authenticator, Credentials
 from frameworks.marathon.api import API, MarathonError
 from frameworks.marathon.bus import EventBus
 from frameworks.marathon.deployments import Deployments
@@ -89,8 +90,12 @@ class MarathonService:
                  hostname: str | None = None, work_dir: str = ".", zk: str | None = None,
                  zk_session_timeout: float = 10.0, store: str | None = None,
                  options: Options | None = None, max_versions: int = 50,
-                 max_running_deployments: int = 100, driver_factory=None):
+                 max_running_deployments: int = 100, driver_factory=None,
+                 http_credentials: Credentials | None = None):
         self.reactor = reactor
+        # Asks every request but /ping for one of `http_credentials`, if given.
+        self.authenticator = (Authenticator(http_credentials, "marathon")
+                              if http_credentials is not None else None)
         self.master = master
         self.port = port
         self.ip = ip
@@ -288,4 +293,10 @@ class _Guard:
 
     def add(self, prefix: str, handler, methods=None) -> None:
         node = self.node
-        self.router.add(prefix, lambda request: node.serve(handler, request), methods)
+
+        def serve(request):
+            return node.serve(handler, request)
+
+        if node.authenticator is not None and prefix != "/ping":
+            serve = node.authenticator.guard(serve)  # here, before a follower forwards it
+        self.router.add(prefix, serve, methods)

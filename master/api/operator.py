@@ -20,15 +20,21 @@ _LOCAL_CALLS = frozenset(("GET_HEALTH", "GET_VERSION", "GET_FLAGS"))
 class OperatorAPI:
     """The handler for `/api/v1`."""
 
-    def __init__(self, master: Master, leader=None):
+    def __init__(self, master: Master, leader=None, read=None, write=None):
         self.master = master
         self.leader = leader  # callable -> (is_leader, "host:port" of the leader or None)
+        # http_auth.Authenticators, if reading (GET_*, SUBSCRIBE) or other calls need one
+        self.read, self.write = read, write
 
     def __call__(self, request):
         call = request.json()
         if not isinstance(call, dict) or not isinstance(call.get("type"), str):
             raise HTTPError(400, "Expecting 'type' to be present")
         kind = call["type"]
+        authenticator = self.read if kind.startswith("GET_") or kind == "SUBSCRIBE" else \
+            self.write
+        if authenticator is not None:
+            authenticator.principal(request)
         if kind not in _LOCAL_CALLS:
             redirect_to_leader(self.leader, request.path)
         if kind == "SUBSCRIBE":

@@ -56,12 +56,14 @@ def _content_type_ok(request) -> bool:
 class SchedulerAPI:
     """The handler for `/api/v1/scheduler`."""
 
-    def __init__(self, master: Master, leader=None):
+    def __init__(self, master: Master, leader=None, authenticator=None):
         self.master = master
         self.leader = leader  # callable -> (is_leader, "host:port" of the leader or None)
+        self.authenticator = authenticator  # http_auth.Authenticator, if frameworks need one
 
     def __call__(self, request):
         redirect_to_leader(self.leader, request.path)
+        principal = self.authenticator.principal(request) if self.authenticator else None
         if not _content_type_ok(request):
             raise HTTPError(415, "Expecting 'Content-Type' of application/json")
         call = request.json()
@@ -70,7 +72,7 @@ class SchedulerAPI:
         kind = call["type"]
         try:
             if kind == "SUBSCRIBE":
-                return self._subscribe(request, call)
+                return self._subscribe(request, call, principal)
             handler = _CALLS.get(kind)
             if handler is None:
                 raise HTTPError(400, f"Unknown call type '{kind}'")
@@ -85,7 +87,7 @@ class SchedulerAPI:
         # (benchmarks/README.md).
         return empty_response(202)
 
-    def _subscribe(self, request, call):
+    def _subscribe(self, request, call, principal: str | None):
         if request.header("mesos-stream-id"):
             raise HTTPError(400, "SUBSCRIBE calls should not include the 'Mesos-Stream-Id' "
                                  "header")
@@ -94,6 +96,10 @@ class SchedulerAPI:
                                                      "application/*")):
             raise HTTPError(406, "Expecting 'Accept' to allow application/json")
         info = self.master.validate_subscribe(call)
+        claimed = info.get("principal")
+        if principal is not None and claimed not in (None, "", principal):
+            raise HTTPError(403, f"Framework principal '{claimed}' does not match the "
+                                 f"authenticated principal '{principal}'")
         stream_id = str(_uuid.uuid4())
         return StreamingResponse(
             start=lambda stream: self.master.subscribe(info, stream, stream_id),
