@@ -164,3 +164,20 @@ def test_marathon_principal_needs_its_secret_file(tmp_path):
                          capture_output=True, text=True, timeout=30, cwd=REPO)
     assert out.returncode != 0
     assert "needs --mesos-authentication-secret-file FILE" in out.stderr
+
+
+def test_marathon_without_master_credentials_exits_saying_which_flags(tmp_path):
+    """A master that authenticates frameworks refuses Marathon's SUBSCRIBE (401): Marathon
+    ends (status 1) and says what to give, rather than serving /v2 with no scheduler."""
+    from tests.marathon_harness import MarathonProcess
+
+    creds = tmp_path / "credentials"
+    creds.write_text("marathon m-secret\n")
+    master = MasterProcess(tmp_path, ["--credentials", str(creds),
+                                      "--authenticate-http-frameworks"])
+    try:
+        m = MarathonProcess(tmp_path, master.address)
+        assert m.proc.wait(timeout=30) == 1
+        assert "needs --mesos-authentication-principal" in m.tail()
+    finally:
+        master.stop()

@@ -22,6 +22,9 @@ class FakeDriver:
     def start(self):
         pass
 
+    def gave_up(self):
+        return False
+
     def stop(self):
         pass
 

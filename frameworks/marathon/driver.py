@@ -91,6 +91,7 @@ class Driver:
                                            implicit_acknowledgements=False, failover=True,
                                            principal=principal, secret=secret)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="marathon-driver-calls",
                                         daemon=True)
         self.calls_made = 0
@@ -106,6 +107,7 @@ class Driver:
 
         Not on the reactor thread: pymesos's stop waits for a call in flight, which in
         `agora local` needs this very reactor (its master) to be answered."""
+        self._stopping = True
         self._calls.put(_STOP)
 
         def stop_driver():
@@ -116,6 +118,13 @@ class Driver:
 
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                          stop_driver)
+
+    def gave_up(self) -> bool:
+        """Whether pymesos stopped by itself once started: it does when the master answers
+        SUBSCRIBE with a 4xx (missing or wrong credentials, an invalid FrameworkInfo)."""
+        # Not `driver.aborted`: it takes pymesos's lock, which a call in flight may hold
+        # while `agora local`'s master (this very reactor) has yet to answer it.
+        return self.calls_made > 0 and not self._stopping and not self.driver._started
 
     def call(self, method: str, *args, on_error=None) -> None:
         """Run `driver.<method>(*args)` on the call thread; `on_error(exception)` runs on the

@@ -67,6 +67,7 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.driver = None
         self.on_change = lambda app_id: None  # set by the deployment controller
+        self.on_fatal = lambda why: None  # set by the service: it ends the process
         self.connected = False
         self.master_info: dict = {}
         self.stats: dict[str, constraints.PlacementStats] = {}
@@ -489,6 +490,12 @@ class Scheduler:
         self._call("reconcileTasks", [])
 
     def housekeeping(self) -> None:
+        if self.driver.gave_up():
+            self.on_fatal("the scheduler driver stopped: the master refused Marathon's "
+                          "framework (its answer is logged above). A master that "
+                          "authenticates frameworks needs --mesos-authentication-principal "
+                          "and --mesos-authentication-secret-file")
+            return
         now = self.now()
         o = self.options
         changed = set()

@@ -57,6 +57,7 @@ class Core:
         self.bus = EventBus(reactor)
         self.scheduler = Scheduler(reactor, self.state, self.bus, node.options, node.master,
                                    driver_factory=node.driver_factory)
+        self.scheduler.on_fatal = node._terminate
         self.deployments = Deployments(reactor, self.state, self.scheduler, self.bus,
                                        node.max_running_deployments)
         self.checkers = HealthCheckers(reactor, self.state, self.scheduler, self.deployments,
@@ -206,7 +207,7 @@ class MarathonService:
     def _terminate(self, why: str) -> None:
         if self._stopping:
             return
-        log.error("Terminating after loss of leadership: {why}", why=why)
+        log.error("Terminating: {why}", why=why)
         self.leading = False
         self.exit_code = 1
         core, self.core = self.core, None
