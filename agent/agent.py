@@ -106,15 +106,18 @@ class Agent:
                  usage: monitor.UsageFunction | None = None,
                  zk_session_timeout: float = 10.0, recover: str = "reconnect",
                  executor_reregistration_timeout: float = 10.0, launcher: str = "posix",
-                 isolation: str | None = None, container_flags: dict | None = None):
+                 isolation: str | None = None, container_flags: dict | None = None,
+                 http_authenticator=None):
         """`disk_usage()` (the used fraction of the work dir's disk, for the sandbox
         collector) and `usage(containers)` (see `agent.monitor`) replace the host-reading
         defaults, for tests and for containerizers that measure better. `master` is
         `(host, port)` or a `zk://` URL (str or ZkUrl): then the leader is followed.
         `launcher` ("posix" or "linux"), `isolation` (isolator names) and `container_flags`
         (runtime_dir, cgroups_root, image and CNI settings: agent.containerizer.build) make
-        the containerizer; ValueError for a combination that cannot work."""
+        the containerizer; ValueError for a combination that cannot work.
+        `http_authenticator` (agora.http_auth), if given, guards the read-only endpoints."""
         self.reactor = reactor
+        self.http_authenticator = http_authenticator
         if isinstance(master, str):
             master = parse_master(master)
         if isinstance(master, ZkUrl):
@@ -205,10 +208,12 @@ class Agent:
 
     def _listen(self):
         router = Router()
+        # Executors call without credentials (Mesos gives them tokens of their own).
         router.add("/api/v1/executor", ExecutorAPI(self), ("POST",))
-        AgentEndpoints(self).install(router)
-        for route in sandbox_files.routes(self.files):
-            router.add(*route)
+        guard = self.http_authenticator.guard if self.http_authenticator else lambda h: h
+        AgentEndpoints(self).install(router, guard)
+        for prefix, handler, methods in sandbox_files.routes(self.files):
+            router.add(prefix, guard(handler), methods)
         factory = HTTPFactory(router, reactor=self.reactor, server_name="Agora agent")
         self.fetcher = Fetcher(self.fetcher_cache_dir, self.fetcher_cache_size)
         self._listening = listen(self.reactor, self.port, factory, self.ip)

@@ -31,16 +31,18 @@ class AgentEndpoints:
     def __init__(self, agent):
         self.agent = agent
 
-    def install(self, router: Router) -> None:
+    def install(self, router: Router, guard=lambda handler: handler) -> None:
+        """Serve them on `router`; `guard` wraps all but /health and /version (which
+        `--authenticate-http-readonly` leaves open, as on the master)."""
         for prefix in ("", "/slave(1)"):
-            router.add(prefix + "/state", self.state, ("GET",))
-            router.add(prefix + "/state.json", self.state, ("GET",))
+            router.add(prefix + "/state", guard(self.state), ("GET",))
+            router.add(prefix + "/state.json", guard(self.state), ("GET",))
             router.add(prefix + "/health", self.health, ("GET",))
-            router.add(prefix + "/flags", self.flags, ("GET",))
+            router.add(prefix + "/flags", guard(self.flags), ("GET",))
         router.add("/version", self.version, ("GET",))
-        router.add("/metrics/snapshot", self.metrics, ("GET",))
-        router.add("/monitor/statistics", self.statistics, ("GET",))
-        router.add("/monitor/statistics.json", self.statistics, ("GET",))
+        router.add("/metrics/snapshot", guard(self.metrics), ("GET",))
+        router.add("/monitor/statistics", guard(self.statistics), ("GET",))
+        router.add("/monitor/statistics.json", guard(self.statistics), ("GET",))
 
     # --- handlers ----------------------------------------------------------------------
 

@@ -158,6 +158,16 @@ def _containerizer_options(p: argparse.ArgumentParser) -> None:
                    metavar="SECS", help="disk/du: how often sandboxes are measured (default 15)")
 
 
+def _authentication_options(p: argparse.ArgumentParser, kinds) -> None:
+    p.add_argument("--credentials", default=None, metavar="FILE",
+                   help="principals and secrets for HTTP authentication: Mesos's JSON "
+                        '({"credentials": [{"principal": P, "secret": S}]}) or one '
+                        "'principal secret' per line")
+    for kind, what in kinds:
+        p.add_argument(f"--authenticate-http-{kind}", action="store_true",
+                       help=f"require credentials (HTTP Basic) on {what}")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="agora", description="A Mesos-style cluster scheduler.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -169,15 +179,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-master"))
     m.add_argument("--secret-file", default=None,
                    help="file holding a secret agents must prove they know")
-    m.add_argument("--credentials", default=None, metavar="FILE",
-                   help="principals and secrets for HTTP authentication: Mesos's JSON "
-                        '({"credentials": [{"principal": P, "secret": S}]}) or one '
-                        "'principal secret' per line")
-    for kind, what in (("frameworks", "the scheduler API (frameworks)"),
-                       ("readonly", "state endpoints and read-only operator calls"),
-                       ("readwrite", "operator calls that change state")):
-        m.add_argument(f"--authenticate-http-{kind}", action="store_true",
-                       help=f"require credentials (HTTP Basic) on {what}")
+    _authentication_options(m, (("frameworks", "the scheduler API (frameworks)"),
+                                ("readonly", "state endpoints and read-only operator calls"),
+                                ("readwrite", "operator calls that change state")))
     m.add_argument("--zk", default=None, metavar="zk://HOST:PORT[,HOST:PORT...]/PATH",
                    help="run as one of several masters: elect the leader in ZooKeeper under "
                         "PATH (use /mesos for mesoshttp clients); followers redirect to it")
@@ -199,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--hostname", default=None)
     a.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "agora-agent"))
     a.add_argument("--secret-file", default=None)
+    _authentication_options(a, (("readonly", "/state, /files, /monitor, /metrics and /flags"),))
     _agent_options(a)
 
     loc = sub.add_parser("local", help="run a master and N agents in one process")

@@ -70,9 +70,30 @@ def _serve(reactor, services: list, banner) -> int:
     return 1 if failed else 0
 
 
+def _http_authentication(args, kinds: tuple) -> tuple:
+    """(credentials or None, the `kinds` whose --authenticate-http-KIND flag is on), from
+    --credentials; SystemExit with what to do when they do not go together."""
+    from agora.http_auth import Credentials
+
+    authenticate = frozenset(k for k in kinds if getattr(args, f"authenticate_http_{k}"))
+    if args.credentials:
+        try:
+            return Credentials.load(args.credentials), authenticate
+        except ValueError as e:
+            _usage_error(f"--credentials: {e}")
+    if authenticate:
+        _usage_error("--authenticate-http-* needs --credentials FILE (the principals and "
+                     "secrets to accept)")
+    return None, authenticate
+
+
+def _usage_error(message: str):
+    print(f"agora: {message}", file=sys.stderr)
+    raise SystemExit(2)  # as argparse's
+
+
 def run_master(reactor, args, secret) -> int:
     from agora import zookeeper
-    from agora.http_auth import Credentials
     from master.service import MasterService
 
     if args.zk:
@@ -87,19 +108,8 @@ def run_master(reactor, args, secret) -> int:
     elif args.registry == "zk":
         print("agora: --registry zk needs --zk zk://HOST:PORT/PATH", file=sys.stderr)
         return 2
-    authenticate = frozenset(kind for kind in ("frameworks", "readonly", "readwrite")
-                             if getattr(args, f"authenticate_http_{kind}"))
-    credentials = None
-    if args.credentials:
-        try:
-            credentials = Credentials.load(args.credentials)
-        except ValueError as e:
-            print(f"agora: --credentials: {e}", file=sys.stderr)
-            return 2
-    elif authenticate:
-        print("agora: --authenticate-http-* needs --credentials FILE (the principals and "
-              "secrets to accept)", file=sys.stderr)
-        return 2
+    credentials, authenticate = _http_authentication(args, ("frameworks", "readonly",
+                                                            "readwrite"))
     master = MasterService(reactor, ip=args.ip, port=args.port, work_dir=args.work_dir,
                            registry=args.registry, hostname=args.hostname, secret=secret,
                            zk=args.zk, zk_session_timeout=args.zk_session_timeout,
@@ -154,10 +164,15 @@ def container_flags(args) -> dict:
 def run_agent(reactor, args, secret) -> int:
     from agent.agent import Agent
 
+    from agora.http_auth import Authenticator
+
+    credentials, authenticate = _http_authentication(args, ("readonly",))
     try:
         agent = Agent(reactor, master=args.master, work_dir=args.work_dir, ip=args.ip,
                       port=args.port, hostname=args.hostname, secret=secret,
                       zk_session_timeout=args.zk_session_timeout,
+                      http_authenticator=Authenticator(credentials, "mesos")
+                      if authenticate else None,
                       **_agent_kwargs(args, args.fetcher_cache_dir))
     except ValueError as e:
         print(f"agora: {e}", file=sys.stderr)

@@ -181,3 +181,32 @@ def test_marathon_without_master_credentials_exits_saying_which_flags(tmp_path):
         assert "needs --mesos-authentication-principal" in m.tail()
     finally:
         master.stop()
+
+
+def test_agent_read_endpoints_need_credentials_with_authenticate_http_readonly(tmp_path):
+    """An agent started with --authenticate-http-readonly asks for credentials on /state,
+    /files and /monitor; /health stays open, and its executors still reach it."""
+    creds = tmp_path / "credentials"
+    creds.write_text("ops s3cret\n")
+    master = MasterProcess(tmp_path)
+    agent = AgentProcess(tmp_path, master.address, args=[
+        "--resources", "cpus:2;mem:512", "--credentials", str(creds),
+        "--authenticate-http-readonly"])
+    name = unique("agent-auth")
+    sched = Recorder([(name, "echo hi")])
+    driver = MesosSchedulerDriver(sched, framework_info("agent-auth"), master.address,
+                                  use_addict=False)
+    driver.start()
+    try:
+        wait_for(lambda: sched.last_state(name) == "TASK_FINISHED", 30, what="TASK_FINISHED")
+        for path in ("/state", "/monitor/statistics", "/files/debug", "/metrics/snapshot"):
+            status, headers, _ = get(agent.url + path)
+            assert status == 401 and "WWW-Authenticate" in headers, path
+        status, _, body = get(agent.url + "/state", GOOD)
+        assert status == 200 and json.loads(body)["id"]
+        assert get(agent.url + "/health")[0] == 200
+    finally:
+        driver.stop()
+        driver.join()
+        agent.stop()
+        master.stop()
