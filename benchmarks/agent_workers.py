@@ -135,8 +135,8 @@ def worker_main(argv=None) -> int:
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
-    def __init__(self, owner: "AgentWorkers", agents: int):
-        self.owner, self.agents = owner, agents
+    def __init__(self, owner: "AgentWorkers"):
+        self.owner = owner
         self.state = {"masters": {}, "running": 0, "tasks": 0, "launched": 0, "challenges": 0,
                       "cpu": 0.0}
         self.pid = None
@@ -177,7 +177,7 @@ class AgentWorkers:
         first = 0
         for i in range(self.processes):
             n = share + (1 if i < extra else 0)
-            proc = _WorkerProcess(self, n)
+            proc = _WorkerProcess(self)
             self.reactor.spawnProcess(
                 proc, sys.executable,
                 [sys.executable, os.path.abspath(__file__), "--zk", self.zk_url,
@@ -223,9 +223,6 @@ class AgentWorkers:
 
     def registered(self) -> int:
         return sum(self.masters().values())
-
-    def registered_with(self, master_id: str) -> int:
-        return self.masters().get(master_id, 0)
 
     def running(self) -> int:
         return sum(w.state["running"] for w in self.workers)
